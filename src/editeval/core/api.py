@@ -1,0 +1,114 @@
+"""``edit()``: run one registered method on one request.
+
+This is the one place that prepares inputs (loading, the resolution policy, masks), seeds the
+generator, counts NFE at the UNet and times the call, so every method gets them the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from editeval.core.nfe import count_nfe
+from editeval.core.registry import EditInputs, get_method
+from editeval.core.types import EditRequest, EditResult
+from editeval.data.images import fit_to_resolution, load_image, load_mask
+
+
+class EditInputError(ValueError):
+    """A request lacks an input its method needs, or holds one it cannot use."""
+
+
+_FLAGS = {
+    "source_prompt": "--source-prompt TEXT",
+    "target_prompt": "--target-prompt TEXT",
+    "instruction": "--instruction TEXT",
+    "mask": "--mask FILE",
+    "reference": "--reference FILE",
+}
+
+
+def model_resolution(pipe: Any) -> int:
+    """The pipeline's native image side in pixels (UNet sample size times the VAE factor)."""
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def prepare_inputs(request: EditRequest, resolution: int) -> tuple[EditInputs, Any]:
+    """Load the request's images and bring them to ``resolution``; returns the inputs and the
+    :class:`~editeval.data.images.Geometry` that maps results back to the source size."""
+    image, geometry = fit_to_resolution(load_image(request.image), resolution)
+    mask = None
+    if request.mask is not None:
+        mask = load_mask(request.mask, size=image.size)
+    reference = None
+    if request.reference is not None:
+        reference = load_image(request.reference).resize(image.size)
+    inputs = EditInputs(
+        image=image,
+        source_prompt=request.source_prompt,
+        target_prompt=request.target_prompt,
+        instruction=request.instruction,
+        task=request.task,
+        mask=mask,
+        reference=reference,
+    )
+    return inputs, geometry
+
+
+def edit(
+    request: EditRequest,
+    method: str,
+    *,
+    pipe: Any = None,
+    model: str = "sd15",
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> EditResult:
+    """Edit ``request.image`` with the registered ``method``.
+
+    Args:
+        request: what to edit (see :class:`EditRequest`).
+        method: a registry name (``editeval methods`` lists them).
+        pipe: a loaded diffusers pipeline of the kind the method's card names; loaded from ``model``
+            when ``None`` (pass it to edit many images without reloading).
+        model: suite name, short name, local path or hub id (see :func:`editeval.models.load_pipeline`).
+        device, dtype: passed to ``load_pipeline`` when ``pipe`` is ``None``.
+
+    Returns:
+        An :class:`EditResult` with the edit at the source's size and at the model's, its NFE and time.
+
+    Raises:
+        KeyError: unknown method. ValueError: unknown or ill-typed parameter.
+        EditInputError: a required input is missing. ImageLoadError / MaskError: unreadable inputs.
+        ModelNotAvailableError: the model cannot be loaded.
+    """
+    registered = get_method(method)
+    card = registered.card
+    params = card.resolve_params(request.params)
+    missing = [name for name in card.inputs if not getattr(request, name)]
+    if missing:
+        needs = ", ".join(f"{name.replace('_', ' ')} ({_FLAGS[name]})" for name in missing)
+        raise EditInputError(f"method {card.name!r} needs {needs}")
+    if pipe is None:
+        from editeval.models import load_pipeline
+
+        pipe = load_pipeline(model, card.model_kind, device=device, dtype=dtype)
+    inputs, geometry = prepare_inputs(request, model_resolution(pipe))
+    generator = torch.Generator("cpu").manual_seed(request.seed)
+    with count_nfe(pipe.unet) as counter:
+        start = time.perf_counter()
+        output = registered.fn(pipe, inputs, generator, **params)
+        wall = time.perf_counter() - start
+    return EditResult(
+        image=geometry.to_source(output.image),
+        model_image=output.image,
+        method=card.name,
+        model=str(pipe.name_or_path),
+        nfe=counter.nfe,
+        wall_seconds=wall,
+        params=params,
+        seed=request.seed,
+        intermediates=output.intermediates,
+    )

@@ -1,0 +1,1 @@
+"""Shared diffusion parts: latents <-> images, prompt embeddings, the DDIM step, inversion."""

@@ -1,0 +1,7 @@
+"""Built-in editing methods, one module each, grouped by the survey's learning strategy.
+
+Importing this package registers them (see :mod:`editeval.core.registry`).
+"""
+
+from editeval.methods.training_based import instructpix2pix  # noqa: F401
+from editeval.methods.training_free import sdedit  # noqa: F401

@@ -1,0 +1,1 @@
+"""Training-based methods (the survey's first learning strategy)."""

@@ -1,0 +1,1 @@
+"""Training- and finetuning-free methods (the survey's third learning strategy)."""

@@ -1,0 +1,178 @@
+"""Tiny random-weight Stable Diffusion and InstructPix2Pix pipelines, built offline.
+
+They have Stable Diffusion's architecture at toy size, so every code path a real checkpoint takes
+(``from_pretrained``, schedulers, classifier-free guidance, attention processors) runs in seconds on a
+CPU. They produce noise, not pictures: use them for plumbing, determinism and cost tests, never for
+quality claims.
+
+- UNet: ``UNet2DConditionModel`` with cross-attention at two resolutions (latent 8x8 and 4x4).
+- VAE: ``AutoencoderKL`` with SD's downsampling factor 8 (64x64 RGB -> 8x8x4 latents).
+- Text encoder: a 2-layer ``CLIPTextModel`` with the real CLIP vocabulary size (49408).
+- Tokenizer: :func:`clip_tokenizer`, built from the CLIP BPE vocabulary shipped in ``open_clip_torch``;
+  its ids equal those of ``openai/clip-vit-large-patch14``.
+- Schedulers as the real checkpoints ship them: SD 1.5's ``PNDMScheduler`` (scaled_linear betas
+  0.00085..0.012, 1000 steps) and InstructPix2Pix's ``EulerAncestralDiscreteScheduler``.
+
+Pipelines are saved in diffusers format under the editeval cache directory and loaded through
+:func:`editeval.models.load_pipeline`, exactly as a user's checkpoint would be.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+TINY_SEED = 0
+TINY_RESOLUTION = 64
+_SD_SCHEDULE = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-unicode table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_clip_tokenizer_files(directory: str | os.PathLike) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` of CLIP's BPE tokenizer into ``directory``.
+
+    The merges come from ``open_clip/bpe_simple_vocab_16e6.txt.gz`` (shipped in the
+    ``open_clip_torch`` wheel); the vocabulary is rebuilt the way CLIP builds it (256 byte symbols,
+    the same with ``</w>``, one symbol per merge, then the two special tokens), 49408 entries.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    bpe = resources.files("open_clip").joinpath("bpe_simple_vocab_16e6.txt.gz")
+    lines = gzip.decompress(bpe.read_bytes()).decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    symbols = list(_bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (directory / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (directory / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
+    )
+    return directory
+
+
+def clip_tokenizer(directory: str | os.PathLike | None = None):
+    """A ``CLIPTokenizer`` (max length 77) equal to ``openai/clip-vit-large-patch14``'s, offline."""
+    from transformers import CLIPTokenizer
+
+    if directory is None:
+        directory = cache_dir() / "clip-tokenizer"
+    directory = Path(directory)
+    if not (directory / "merges.txt").exists():
+        write_clip_tokenizer_files(directory)
+    return CLIPTokenizer(
+        str(directory / "vocab.json"),
+        str(directory / "merges.txt"),
+        model_max_length=77,
+        pad_token="<|endoftext|>",
+    )
+
+
+def cache_dir() -> Path:
+    """Where editeval keeps built models: ``$EDITEVAL_CACHE`` or ``~/.cache/editeval``."""
+    return Path(os.environ.get("EDITEVAL_CACHE", Path.home() / ".cache" / "editeval"))
+
+
+def _components(in_channels: int) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(TINY_SEED)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 8,
+        in_channels=in_channels,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=TINY_RESOLUTION,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer())
+
+
+def build_tiny_sd(path: str | os.PathLike) -> Path:
+    """Build the tiny text-to-image pipeline (SD 1.5 layout) and save it to ``path``."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    scheduler = PNDMScheduler(**_SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False,
+                              steps_offset=1)
+    pipe = StableDiffusionPipeline(**_components(4), scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return Path(path)
+
+
+def build_tiny_ip2p(path: str | os.PathLike) -> Path:
+    """Build the tiny InstructPix2Pix pipeline (8 UNet input channels) and save it to ``path``."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+
+    scheduler = EulerAncestralDiscreteScheduler(**_SD_SCHEDULE)
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        **_components(8), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return Path(path)
+
+
+@lru_cache(maxsize=None)
+def tiny_checkpoint(kind: str) -> Path:
+    """Path of the saved tiny checkpoint of ``kind`` ("sd" or "ip2p"), building it on first use."""
+    builders = {"sd": build_tiny_sd, "ip2p": build_tiny_ip2p}
+    path = cache_dir() / "tiny" / kind
+    if not (path / "model_index.json").exists():
+        tmp = path.with_name(f"{kind}.tmp{os.getpid()}")
+        builders[kind](tmp)
+        try:
+            tmp.replace(path)  # atomic: a half-built checkpoint is never seen under ``path``
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp)
+    return path
