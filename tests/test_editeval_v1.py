@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
+from conftest import HUMAN_NAMES, MISSING_IDS, link_tasks, write_prompts
 from openpyxl import Workbook
 
 from editeval.data.editeval_v1 import (
@@ -17,61 +18,6 @@ from editeval.data.editeval_v1 import (
     scan_images,
 )
 from editeval.data.samples import TASKS, DatasetError
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "editeval_v1"
-
-MISSING_IDS = [
-    "object_addition/2",
-    "object_addition/4",
-    "object_replacement/2",
-    "object_replacement/8",
-    "object_removal/2",
-    "background_change/8",
-    "style_change/1",
-    "style_change/2",
-]
-
-HUMAN_NAMES = {
-    "object_addition": "Object Addition",
-    "object_replacement": "object_replacement",
-    "object_removal": "Object Removel",
-    "background_change": "Background-Change",
-    "style_change": "STYLE CHANGE",
-    "texture_change": "Texture Change ",
-    "action_change": "action change",
-}
-
-
-@pytest.fixture(scope="module")
-def shared() -> Path:
-    """The shared EditEval v1 image copy; skips the test when it is absent."""
-    if not SHARED.is_dir():
-        pytest.skip(f"shared EditEval v1 copy not found at {SHARED}")
-    return SHARED
-
-
-def write_prompts(path: Path, header: bool = True, names: dict[str, str] = HUMAN_NAMES) -> Path:
-    """Write a prompts spreadsheet in the original layout with recognisable per-row prompts."""
-    wb = Workbook()
-    ws = wb.active
-    if header:
-        ws.append(["Editing Type", "Source Prompt", "Target Prompt", "Instruction"])
-    for task, count in EXPECTED_BLOCKS.items():
-        for k in range(1, count + 1):
-            ws.append(
-                [names[task] if k == 1 else None, f"src {task} {k}", f"tgt {task} {k}", f"ins {task} {k}"]
-            )
-    wb.save(path)
-    return path
-
-
-def link_tasks(shared: Path, dest: Path) -> Path:
-    """Create ``dest`` holding symlinks to the seven real task folders."""
-    dest.mkdir()
-    for folder in TASK_FOLDERS.values():
-        (dest / folder).symlink_to(shared / folder, target_is_directory=True)
-    return dest
-
 
 def test_scan_images_shared_copy(shared: Path) -> None:
     found = scan_images(shared)

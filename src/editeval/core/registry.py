@@ -14,7 +14,8 @@ from typing import Any
 
 from PIL import Image
 
-STRATEGIES = ("training-based", "test-time-finetuning", "training-free")
+from editeval.taxonomy import STRATEGIES, SUBCATEGORIES
+
 INPUTS = ("source_prompt", "target_prompt", "instruction", "mask", "reference")
 
 
@@ -39,9 +40,9 @@ class MethodCard:
         name: registry name (``sdedit``), used on the command line.
         title: human name (``SDEdit``).
         paper: the method's paper.
-        strategy: the survey's learning strategy, one of :data:`STRATEGIES`.
-        subcategory: the survey's sub-category slug, or ``None`` when the survey's paper list does
-            not hold the paper (``note`` says so).
+        strategy: the survey's learning strategy (an id of :data:`editeval.taxonomy.STRATEGIES`).
+        subcategory: the survey's sub-category (an id of :data:`editeval.taxonomy.SUBCATEGORIES`),
+            or ``None`` when the survey's paper list does not hold the paper (``note`` says so).
         inputs: request fields the method needs, from :data:`INPUTS`.
         model_kind: the kind of checkpoint it runs on (``text-to-image``, ``instruction``, ...).
         tasks: EditEval tasks it is meant for.
@@ -66,7 +67,10 @@ class MethodCard:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"{self.name}: strategy {self.strategy!r} not in {STRATEGIES}")
+            raise ValueError(f"{self.name}: strategy {self.strategy!r} not in {list(STRATEGIES)}")
+        if self.subcategory is not None and SUBCATEGORIES[self.subcategory].strategy != self.strategy:
+            raise ValueError(f"{self.name}: sub-category {self.subcategory!r} is not under "
+                             f"{self.strategy!r}")
         unknown = set(self.inputs) - set(INPUTS)
         if unknown:
             raise ValueError(f"{self.name}: unknown inputs {sorted(unknown)}; expected {INPUTS}")

@@ -1,0 +1,202 @@
+"""Run methods over a dataset: one job per (method, sample, seed), resumable.
+
+``run_bench`` loads each model kind the methods need once, skips jobs the run directory already
+holds, records every other job as done (image, NFE, time) or failed (error message) and goes on,
+so the same call after a crash or a kill picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from editeval import __version__
+from editeval.bench.store import ResultStore
+from editeval.core.api import edit
+from editeval.core.registry import get_method
+from editeval.core.types import EditRequest
+from editeval.data.datasets import load_dataset
+from editeval.data.samples import Sample
+
+
+@dataclass(frozen=True)
+class Job:
+    """One edit of a run."""
+
+    method: str
+    sample: Sample
+    seed: int
+
+    @property
+    def job_id(self) -> str:
+        return f"{self.method}/{self.sample.id}/seed{self.seed}"
+
+
+def plan_jobs(samples: Sequence[Sample], methods: Sequence[str], seeds: Sequence[int]) -> list[Job]:
+    """All (method, sample, seed) jobs, method-major so each model stays hot."""
+    return [Job(m, s, seed) for m in methods for s in samples for seed in seeds]
+
+
+@dataclass
+class BenchConfig:
+    """What to run; everything a run directory needs to be resumed.
+
+    Attributes:
+        dataset: dataset name (``editeval-v1``). data_dir / prompts_file: where it is.
+        methods: registry names. model: suite, short name, path or hub id.
+        out: the run directory. tasks: restrict to these tasks (all when empty).
+        limit: at most this many samples (in dataset order, after the task filter).
+        seeds: one job per seed. params: per-method parameter overrides ({method: {name: value}}).
+        device / dtype: passed to ``load_pipeline``. retry_failed: rerun jobs that failed before.
+    """
+
+    dataset: str
+    methods: list[str]
+    model: str
+    out: Path
+    data_dir: Path | None = None
+    prompts_file: Path | None = None
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    device: str | None = None
+    dtype: str | None = None
+    retry_failed: bool = True
+
+    def identity(self) -> dict[str, Any]:
+        """The part of the config stored in ``config.json``."""
+        record = asdict(self)
+        for key in ("out", "data_dir", "prompts_file"):
+            record[key] = None if record[key] is None else str(Path(record[key]).resolve())
+        record["editeval_version"] = __version__
+        return record
+
+
+@dataclass
+class BenchSummary:
+    """Counts after a run: jobs planned, skipped as already finished, done and failed now."""
+
+    planned: int
+    skipped: int
+    done: int
+    failed: int
+    missing_images: list[str]
+    errors: dict[str, str]  # job id -> error, for jobs that failed in this call
+
+
+def run_bench(config: BenchConfig, console: Console | None = None) -> BenchSummary:
+    """Run (or resume) the benchmark described by ``config``; see the module docstring.
+
+    Raises:
+        DatasetError, KeyError (unknown method), ValueError (bad parameters), RunConfigError,
+        ModelNotAvailableError: before any job runs.
+    """
+    from editeval.models import load_pipeline
+
+    console = console or Console(stderr=True)
+    cards = {name: get_method(name).card for name in config.methods}
+    for name in config.params:
+        if name not in cards:
+            raise ValueError(f"parameters given for {name!r}, which is not among --methods")
+    for name, card in cards.items():
+        card.resolve_params(config.params.get(name, {}))  # unknown names fail before the run
+    dataset = load_dataset(config.dataset, config.data_dir, config.prompts_file)
+    samples = dataset.select(config.tasks or None, config.limit)
+    jobs = plan_jobs(samples, config.methods, config.seeds)
+
+    with ResultStore(config.out) as store:
+        store.check_config(config.identity())
+        finished = store.finished(config.retry_failed)
+        pending = [job for job in jobs if job.job_id not in finished]
+        summary = BenchSummary(len(jobs), len(jobs) - len(pending), 0, 0, dataset.missing, {})
+        if not pending:
+            console.print(f"All {len(jobs)} jobs already finished in {config.out}.")
+            return summary
+        kinds = {cards[job.method].model_kind for job in pending}
+        pipes = {kind: load_pipeline(config.model, kind, device=config.device, dtype=config.dtype)
+                 for kind in sorted(kinds)}
+        with _progress(console) as progress:
+            task = progress.add_task("editing", total=len(jobs), completed=summary.skipped)
+            for job in pending:
+                progress.update(task, description=f"{job.method} {job.sample.id}")
+                _run_job(job, pipes[cards[job.method].model_kind], config, store, summary)
+                progress.advance(task)
+    return summary
+
+
+def _run_job(job: Job, pipe: Any, config: BenchConfig, store: ResultStore,
+             summary: BenchSummary) -> None:
+    sample = job.sample
+    keys = dict(job_id=job.job_id, method=job.method, sample_id=sample.id, task=sample.task,
+                seed=job.seed)
+    request = EditRequest(
+        image=sample.image_path,
+        source_prompt=sample.source_prompt,
+        target_prompt=sample.target_prompt,
+        instruction=sample.instruction,
+        task=sample.task,
+        mask=sample.mask_path,
+        seed=job.seed,
+        params=config.params.get(job.method, {}),
+    )
+    try:
+        result = edit(request, job.method, pipe=pipe)
+    except Exception as err:  # recorded as a failed row with its message, then the run goes on
+        message = f"{type(err).__name__}: {err}"
+        if os.environ.get("EDITEVAL_TRACEBACKS"):
+            message += "\n" + traceback.format_exc()
+        store.record_failed(**keys, error=message)
+        summary.failed += 1
+        summary.errors[job.job_id] = message
+        return
+    store.record_done(**keys, image=result.image, nfe=result.nfe,
+                      wall_seconds=result.wall_seconds, model=result.model, params=result.params)
+    summary.done += 1
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description:<40}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def summarize(rows: Iterable[Any]) -> dict[str, Mapping[str, float]]:
+    """Per method: jobs done and failed, mean NFE and mean wall seconds of the done ones."""
+    stats: dict[str, Counter] = {}
+    for row in rows:
+        entry = stats.setdefault(row.method, Counter())
+        entry[row.status] += 1
+        if row.status == "done":
+            entry["nfe"] += row.nfe
+            entry["wall"] += row.wall_seconds
+    return {
+        method: {
+            "done": c["done"],
+            "failed": c["failed"],
+            "mean_nfe": c["nfe"] / c["done"] if c["done"] else float("nan"),
+            "mean_seconds": c["wall"] / c["done"] if c["done"] else float("nan"),
+        }
+        for method, c in stats.items()
+    }

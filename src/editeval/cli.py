@@ -1,0 +1,228 @@
+"""The ``editeval`` command line: a thin layer over the library.
+
+    editeval edit photo.jpg --method sdedit --target-prompt "a dog on a sofa" -o out.png
+    editeval bench --dataset editeval-v1 --data-dir DIR --methods sdedit,instructpix2pix --model sd15
+    editeval methods
+    editeval models
+    editeval catalog --subcategory instructional-editing
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Diffusion-model-based image editing: methods, the EditEval benchmark, the survey's taxonomy.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+@contextmanager
+def _clean_errors() -> Iterator[None]:
+    """Turn the library's input and configuration errors into one red line and exit code 2."""
+    from editeval.bench.store import RunConfigError
+    from editeval.core.api import EditInputError
+    from editeval.data import DatasetError, ImageLoadError, MaskError
+    from editeval.models import ModelNotAvailableError
+
+    try:
+        yield
+    except (DatasetError, EditInputError, ImageLoadError, MaskError, ModelNotAvailableError,
+            RunConfigError, KeyError, ValueError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        errors.print(f"[red]error:[/red] {message}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _parse_params(items: list[str], qualified: bool) -> dict[str, Any]:
+    """``name=value`` (or ``method.name=value`` when ``qualified``) into a (nested) dict."""
+    params: dict[str, Any] = {}
+    pattern = r"([\w-]+)\.(\w+)=(.*)" if qualified else r"(\w+)=(.*)"
+    for item in items:
+        match = re.fullmatch(pattern, item)
+        if not match:
+            form = "METHOD.NAME=VALUE" if qualified else "NAME=VALUE"
+            raise typer.BadParameter(f"{item!r} is not of the form {form}")
+        if qualified:
+            params.setdefault(match[1], {})[match[2]] = match[3]
+        else:
+            params[match[1]] = match[2]
+    return params
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+@app.command()
+def edit(
+    image: Annotated[Path, typer.Argument(help="Source image (any format Pillow reads).")],
+    method: Annotated[str, typer.Option("--method", "-m", help="Method name (see `editeval methods`).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the edit (PNG, JPEG, ...).")] = Path("edited.png"),
+    source_prompt: Annotated[str, typer.Option(help="Caption of the source image.")] = "",
+    target_prompt: Annotated[str, typer.Option(help="Caption of the wanted result.")] = "",
+    instruction: Annotated[str, typer.Option(help="Edit instruction (instruction-based methods).")] = "",
+    mask: Annotated[Path | None, typer.Option(help="Edit-region mask, white = edit.")] = None,
+    model: Annotated[str, typer.Option(help="Suite (sd15, sd21, sdxl, tiny), short name, local path or hub id.")] = "sd15",
+    seed: Annotated[int, typer.Option(help="Random seed; equal seeds give equal edits on the CPU.")] = 0,
+    param: Annotated[list[str], typer.Option("--param", "-p", help="Method parameter NAME=VALUE, repeatable (e.g. -p strength=0.6).")] = [],
+    device: Annotated[str | None, typer.Option(help="cuda, cpu, ...; default cuda when available.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32; default fp16 on CUDA, fp32 on CPU.")] = None,
+) -> None:
+    """Edit one image with one method and write the result at the source's size."""
+    from editeval.core import EditRequest
+    from editeval.core import edit as run_edit
+
+    with _clean_errors():
+        request = EditRequest(image, source_prompt=source_prompt, target_prompt=target_prompt,
+                              instruction=instruction, mask=mask, seed=seed,
+                              params=_parse_params(param, qualified=False))
+        result = run_edit(request, method, model=model, device=device, dtype=dtype)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    result.image.save(output)
+    console.print(f"wrote {output} ({result.image.width}x{result.image.height}); "
+                  f"{result.method} on {result.model}: NFE {result.nfe}, "
+                  f"{result.wall_seconds:.2f} s, params {result.params}")
+
+
+@app.command()
+def bench(
+    methods: Annotated[str, typer.Option(help="Comma-separated method names.")] = "sdedit,instructpix2pix",
+    dataset: Annotated[str, typer.Option(help="Dataset name.")] = "editeval-v1",
+    data_dir: Annotated[Path | None, typer.Option(help="Dataset folder (default: $EDITEVAL_V1_DIR for editeval-v1).")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompts spreadsheet, when it is not inside --data-dir.")] = None,
+    model: Annotated[str, typer.Option(help="Suite (sd15, sd21, sdxl, tiny), short name, local path or hub id.")] = "sd15",
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/DATASET-MODEL); rerun to resume.")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated task ids (default: all).")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most N samples (dataset order, after --tasks).")] = None,
+    seed: Annotated[list[int], typer.Option(help="Seed, repeatable: one job per (method, sample, seed).")] = [0],
+    set_: Annotated[list[str], typer.Option("--set", help="Method parameter METHOD.NAME=VALUE, repeatable.")] = [],
+    device: Annotated[str | None, typer.Option(help="cuda, cpu, ...")] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32.")] = None,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed/--skip-failed", help="Rerun jobs that failed in an earlier call.")] = True,
+) -> None:
+    """Edit every sample with every method (resumable: the same command again skips finished jobs)."""
+    from editeval.bench import BenchConfig, ResultStore, run_bench
+    from editeval.bench.runner import summarize
+
+    safe_model = re.sub(r"[^\w.-]+", "_", model).strip("_")
+    out = out or Path("runs") / f"{dataset}-{safe_model}"
+    config = BenchConfig(dataset=dataset, methods=_split(methods), model=model, out=out,
+                         data_dir=data_dir, prompts_file=prompts, tasks=_split(tasks),
+                         limit=limit, seeds=seed, params=_parse_params(set_, qualified=True),
+                         device=device, dtype=dtype, retry_failed=retry_failed)
+    with _clean_errors():
+        summary = run_bench(config, console=errors)
+    with ResultStore(out) as store:
+        stats = summarize(store.rows())
+    table = Table(title=f"{out}  ({summary.done} done and {summary.failed} failed now, "
+                        f"{summary.skipped} finished before)")
+    for column in ("method", "done", "failed", "mean NFE", "mean s/edit"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for name, row in sorted(stats.items()):
+        table.add_row(name, str(row["done"]), str(row["failed"]), f"{row['mean_nfe']:.0f}",
+                      f"{row['mean_seconds']:.2f}")
+    console.print(table)
+    for job_id, error in list(summary.errors.items())[:5]:
+        errors.print(f"[red]failed[/red] {job_id}: {error.splitlines()[0]}", highlight=False)
+    if summary.failed > 5:
+        errors.print(f"... and {summary.failed - 5} more failures (see {out}/results.sqlite)")
+
+
+@app.command()
+def methods(
+    task: Annotated[str | None, typer.Option(help="Only methods meant for this task.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="training-based, test-time-finetuning or training-free.")] = None,
+) -> None:
+    """List the implemented methods from their cards."""
+    from editeval.core import list_methods
+    from editeval.taxonomy import resolve_strategy
+
+    with _clean_errors():
+        wanted = resolve_strategy(strategy) if strategy else None
+    table = Table(show_lines=True)
+    for column in ("method", "strategy / sub-category", "needs", "model kind", "paper",
+                   "NFE per edit", "defaults"):
+        table.add_column(column)
+    for card in list_methods():
+        if (task and task not in card.tasks) or (wanted and card.strategy != wanted):
+            continue
+        table.add_row(card.name, f"{card.strategy}\n{card.subcategory or '(not in the list)'}",
+                      ", ".join(card.inputs), card.model_kind, str(card.paper), card.nfe_formula,
+                      ", ".join(f"{k}={v}" for k, v in card.defaults.items()))
+    console.print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the model suites and short names."""
+    from editeval.models import ALIASES, KINDS, SUITES
+
+    table = Table(title="model suites (--model NAME)")
+    table.add_column("suite")
+    table.add_column("description")
+    for kind in KINDS:
+        table.add_column(kind)
+    for suite in SUITES.values():
+        cells = [suite.checkpoints.get(kind) for kind in KINDS]
+        table.add_row(suite.name, suite.description,
+                      *("-" if c is None else "(built offline)" if callable(c) else c for c in cells))
+    console.print(table)
+    console.print("short names: " + ", ".join(sorted(ALIASES)))
+
+
+@app.command()
+def catalog(
+    strategy: Annotated[str | None, typer.Option(help="Learning strategy id or name.")] = None,
+    subcategory: Annotated[str | None, typer.Option(help="Sub-category id or name.")] = None,
+    year: Annotated[int | None, typer.Option(help="Publication year (of the list's date).")] = None,
+    search: Annotated[str | None, typer.Option(help="Case-insensitive text in title or venue.")] = None,
+    implemented: Annotated[bool, typer.Option("--implemented", help="Only papers editeval implements.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Also draw paper counts per sub-category and year to this file.")] = None,
+) -> None:
+    """Search the survey's paper catalog; * marks papers editeval implements."""
+    from editeval.taxonomy import load_catalog, plot_statistics, query
+
+    with _clean_errors():
+        papers = query(strategy=strategy, subcategory=subcategory, year=year, search=search)
+    done = implemented_papers()
+    if implemented:
+        papers = [p for p in papers if (p.title, p.subcategory) in done]
+    table = Table(title=f"{len(papers)} papers")
+    for column in ("", "title", "venue", "date", "arXiv", "sub-category", "method"):
+        table.add_column(column)
+    for p in papers:
+        method = done.get((p.title, p.subcategory), "")
+        table.add_row("*" if method else "", p.title, p.venue, p.date, p.arxiv_id or "",
+                      p.subcategory, method)
+    console.print(table)
+    if plot:
+        console.print(f"wrote {plot_statistics(load_catalog(), plot)}")
+
+
+def implemented_papers() -> dict[tuple[str, str], str]:
+    """(title, sub-category) of each catalog entry an implemented method maps to -> method name."""
+    from editeval.core import list_methods
+    from editeval.taxonomy import find_paper
+
+    found = {}
+    for card in list_methods():
+        paper = (find_paper(arxiv_id=card.paper.arxiv_id) or find_paper(title=card.paper.title))
+        if paper is not None:
+            found[(paper.title, paper.subcategory)] = card.name
+    return found
+
+
+if __name__ == "__main__":
+    app()
