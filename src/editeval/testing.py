@@ -5,7 +5,9 @@ They have Stable Diffusion's architecture at toy size, so every code path a real
 CPU. They produce noise, not pictures: use them for plumbing, determinism and cost tests, never for
 quality claims.
 
-- UNet: ``UNet2DConditionModel`` with cross-attention at two resolutions (latent 8x8 and 4x4).
+- UNet: ``UNet2DConditionModel`` with cross-attention at two resolutions (latent 8x8 and 4x4);
+  its output layer is scaled by 0.1 so that, like a trained model and unlike a raw random one,
+  its noise prediction does not swing wildly with the input (DDIM inversion stays bounded).
 - VAE: ``AutoencoderKL`` with SD's downsampling factor 8 (64x64 RGB -> 8x8x4 latents).
 - Text encoder: a 2-layer ``CLIPTextModel`` with the real CLIP vocabulary size (49408).
 - Tokenizer: :func:`clip_tokenizer`, built from the CLIP BPE vocabulary shipped in ``open_clip_torch``;
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 
 TINY_SEED = 0
+TINY_VERSION = 1  # bump when the builders change, so stale cached checkpoints are not reused
 TINY_RESOLUTION = 64
 _SD_SCHEDULE = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
@@ -111,6 +114,8 @@ def _components(in_channels: int) -> dict:
         attention_head_dim=8,
         norm_num_groups=8,
     )
+    with torch.no_grad():  # damped output: DDIM trajectories stay bounded, as a trained model's do
+        unet.conv_out.weight.mul_(0.1)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -166,11 +171,14 @@ def build_tiny_ip2p(path: str | os.PathLike) -> Path:
 @lru_cache(maxsize=None)
 def tiny_checkpoint(kind: str) -> Path:
     """Path of the saved tiny checkpoint of ``kind`` ("sd" or "ip2p"), building it on first use."""
+    from editeval.models.loading import quiet_progress_bars
+
     builders = {"sd": build_tiny_sd, "ip2p": build_tiny_ip2p}
-    path = cache_dir() / "tiny" / kind
+    path = cache_dir() / "tiny" / f"v{TINY_VERSION}" / kind
     if not (path / "model_index.json").exists():
         tmp = path.with_name(f"{kind}.tmp{os.getpid()}")
-        builders[kind](tmp)
+        with quiet_progress_bars():
+            builders[kind](tmp)
         try:
             tmp.replace(path)  # atomic: a half-built checkpoint is never seen under ``path``
         except OSError:  # another process finished first

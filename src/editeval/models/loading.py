@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 import socket
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -66,8 +67,8 @@ def _not_available(checkpoint: str, reason: str, *, is_hub_id: bool) -> ModelNot
 
 
 @contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """Hide diffusers' and transformers' per-component loading bars (they clutter run progress)."""
+def quiet_progress_bars() -> Iterator[None]:
+    """Hide diffusers' and transformers' loading bars and warnings (they clutter run progress)."""
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
@@ -75,7 +76,9 @@ def _quiet_loading() -> Iterator[None]:
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():  # diffusers still passes this deprecated argument
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            yield
     finally:
         if was[0]:
             dlog.enable_progress_bar()
@@ -117,10 +120,10 @@ def load_pipeline(
         raise _not_available(checkpoint, "no such directory", is_hub_id=False)
     local_only = is_path or not _hub_reachable()
     try:
-        config = DiffusionPipeline.load_config(checkpoint, local_files_only=local_only)
-        extra = {"safety_checker": None, "requires_safety_checker": False}
-        kwargs = {k: v for k, v in extra.items() if "safety_checker" in config}
-        with _quiet_loading():
+        with quiet_progress_bars():
+            config = DiffusionPipeline.load_config(checkpoint, local_files_only=local_only)
+            extra = {"safety_checker": None, "requires_safety_checker": False}
+            kwargs = {k: v for k, v in extra.items() if "safety_checker" in config}
             pipe = DiffusionPipeline.from_pretrained(
                 checkpoint, dtype=torch_dtype, local_files_only=local_only, **kwargs
             )

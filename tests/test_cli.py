@@ -1,0 +1,67 @@
+"""The command line: one edit end to end, errors without stack traces, listings."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from editeval.cli import app
+
+runner = CliRunner()
+
+
+def test_edit_writes_the_result_at_source_size(shared, tmp_path):
+    out = tmp_path / "out.png"
+    result = runner.invoke(app, [
+        "edit", str(shared / "object_addition" / "1.jpg"), "--method", "sdedit", "--model", "tiny",
+        "--target-prompt", "a cat on a bench", "-p", "num_inference_steps=10", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "NFE 10" in result.output
+    with Image.open(out) as image:
+        assert image.size == (1024, 1024) and image.mode == "RGB"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "instructpix2pix"], "needs instruction"),
+    (["--method", "nope", "--target-prompt", "x"], "unknown method 'nope'"),
+    (["--method", "sdedit", "--target-prompt", "x", "-p", "strength=2"], "strength must be in (0, 1]"),
+])
+def test_errors_are_one_line_without_traceback(shared, tmp_path, args, message):
+    result = runner.invoke(app, ["edit", str(shared / "object_addition" / "1.jpg"), "--model",
+                                 "tiny", "-o", str(tmp_path / "x.png"), *args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unreadable_image_is_named(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    result = runner.invoke(app, ["edit", str(bad), "--method", "sdedit", "--target-prompt", "x",
+                                 "--model", "tiny"])
+    assert result.exit_code == 2 and "bad.jpg" in result.output
+
+
+def test_missing_model_is_a_short_error(shared, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = runner.invoke(app, ["edit", str(shared / "object_addition" / "1.jpg"), "--method",
+                                 "sdedit", "--target-prompt", "x", "--model", "sd15"])
+    assert result.exit_code == 2
+    assert "hf download stable-diffusion-v1-5/stable-diffusion-v1-5" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bench_without_data_dir_explains(monkeypatch):
+    monkeypatch.delenv("EDITEVAL_V1_DIR", raising=False)
+    result = runner.invoke(app, ["bench", "--model", "tiny"])
+    assert result.exit_code == 2 and "--data-dir" in result.output
+
+
+def test_methods_lists_the_cards():
+    result = runner.invoke(app, ["methods"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "sdedit" in result.output and "instructpix2pix" in result.output
+    assert "2108.01073" in result.output
+    only_free = runner.invoke(app, ["methods", "--strategy", "training-free"], env={"COLUMNS": "200"})
+    assert "sdedit" in only_free.output and "instructpix2pix" not in only_free.output
