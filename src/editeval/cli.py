@@ -147,21 +147,39 @@ def methods(
 ) -> None:
     """List the implemented methods from their cards."""
     from editeval.core import list_methods
+    from editeval.data import TASKS
     from editeval.taxonomy import resolve_strategy
 
     with _clean_errors():
         wanted = resolve_strategy(strategy) if strategy else None
-    table = Table(show_lines=True)
-    for column in ("method", "strategy / sub-category", "needs", "model kind", "paper",
-                   "NFE per edit", "defaults"):
-        table.add_column(column)
+        if task and task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    shown = 0
     for card in list_methods():
         if (task and task not in card.tasks) or (wanted and card.strategy != wanted):
             continue
-        table.add_row(card.name, f"{card.strategy}\n{card.subcategory or '(not in the list)'}",
-                      ", ".join(card.inputs), card.model_kind, str(card.paper), card.nfe_formula,
-                      ", ".join(f"{k}={v}" for k, v in card.defaults.items()))
-    console.print(table)
+        shown += 1
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="dim")
+        grid.add_column()
+        rows = [
+            ("paper", str(card.paper)),
+            ("strategy", f"{card.strategy} / {card.subcategory or '(not in the survey list)'}"),
+            ("needs", f"{', '.join(card.inputs)}  (model kind: {card.model_kind})"),
+            ("tasks", ", ".join(card.tasks)),
+            ("defaults", ", ".join(f"{k}={v}" for k, v in card.defaults.items())),
+            ("NFE per edit", card.nfe_formula),
+            ("deviations", card.deviations),
+            ("note", card.note),
+        ]
+        for key, value in rows:
+            if value:
+                grid.add_row(key, value)
+        console.print(f"[bold]{card.name}[/bold]  {card.title}")
+        console.print(grid)
+        console.print()
+    if not shown:
+        console.print("no method matches")
 
 
 @app.command()
@@ -199,7 +217,7 @@ def catalog(
     done = implemented_papers()
     if implemented:
         papers = [p for p in papers if (p.title, p.subcategory) in done]
-    table = Table(title=f"{len(papers)} papers")
+    table = Table(title=f"{len(papers)} of {len(load_catalog())} catalog entries")
     for column in ("", "title", "venue", "date", "arXiv", "sub-category", "method"):
         table.add_column(column)
     for p in papers:

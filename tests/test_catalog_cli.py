@@ -1,0 +1,52 @@
+"""The catalog on the command line and its link to the implemented methods' cards."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from editeval.cli import app, implemented_papers
+from editeval.core import list_methods
+from editeval.taxonomy import find_paper, query
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "250"}
+
+
+def test_every_card_maps_to_its_catalog_entry_or_says_it_is_absent():
+    linked = implemented_papers()
+    for card in list_methods():
+        paper = find_paper(arxiv_id=card.paper.arxiv_id) or find_paper(title=card.paper.title)
+        if card.subcategory is None:
+            assert paper is None, f"{card.name} is in the list but its card names no sub-category"
+            assert "Not in the survey's paper list" in card.note
+        else:
+            assert paper is not None and paper.subcategory == card.subcategory
+            assert paper.strategy == card.strategy
+            assert linked[(paper.title, paper.subcategory)] == card.name
+    assert ("Instructpix2pix: Learning to follow image editing instructions",
+            "instructional-editing") in linked
+
+
+def test_catalog_filters_like_the_library():
+    result = runner.invoke(app, ["catalog", "--subcategory", "instructional-editing"], env=WIDE)
+    assert result.exit_code == 0
+    assert f"{len(query(subcategory='instructional-editing'))} of 122" in result.output
+    assert "16 of 122 catalog entries" in result.output
+
+
+def test_catalog_marks_implemented_papers():
+    result = runner.invoke(app, ["catalog", "--implemented"], env=WIDE)
+    assert result.exit_code == 0
+    assert "1 of 122 catalog entries" in result.output and "instructpix2pix" in result.output
+
+
+def test_catalog_rejects_unknown_strategy():
+    result = runner.invoke(app, ["catalog", "--strategy", "magic"])
+    assert result.exit_code == 2 and "training-free" in result.output
+
+
+def test_catalog_plot(tmp_path):
+    out = tmp_path / "stats.png"
+    result = runner.invoke(app, ["catalog", "--year", "2024", "--plot", str(out)], env=WIDE)
+    assert result.exit_code == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
