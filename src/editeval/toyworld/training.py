@@ -1,0 +1,327 @@
+"""Training the toy world's models, with Stable Diffusion's architecture, on 2 CPU cores.
+
+    python -m editeval.toyworld.training data  --work toy_training
+    python -m editeval.toyworld.training vae   --work toy_training --steps 3000
+    python -m editeval.toyworld.training clip  --work toy_training --steps 3000
+    python -m editeval.toyworld.training unet  --work toy_training --steps 5000
+    python -m editeval.toyworld.training ip2p  --work toy_training --steps 5000
+    python -m editeval.toyworld.training export --work toy_training
+
+Each stage is reproducible from ``--seed``, shows a progress bar, writes a checkpoint (model,
+optimiser, step, random state) at least every ``--checkpoint-seconds`` and resumes from it when run
+again, so a killed run loses at most that much work. ``export`` writes the diffusers pipelines
+(model_index.json + safetensors, fp16) that the ``toy`` model suite loads.
+
+Models:
+- AutoencoderKL: 64x64x3 <-> 8x8x4 (SD's factor 8), trained with MSE plus a small KL term
+  (weight 1e-6); the latent scaling factor is 1 / std of the training latents, as SD's 0.18215.
+- CLIP (text and image towers, the real CLIP BPE tokenizer), trained contrastively on captions.
+- UNet2DConditionModel on the frozen CLIP text tower, SD's noise schedule (scaled_linear,
+  0.00085..0.012, 1000 steps), epsilon prediction, 10% caption dropout for classifier-free guidance.
+- InstructPix2Pix-style UNet (8 input channels: noisy latents + source latents) on instruction
+  text, with the paper's conditioning dropout (5% text, 5% image, 5% both). Deviation from the
+  paper: trained from scratch in parallel with the text-to-image UNet instead of initialised from
+  it, to fit the training budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from editeval.toyworld.scenes import render, sample_scene
+
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                beta_schedule="scaled_linear")
+TEXT_DIM = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# model definitions
+# ----------------------------------------------------------------------------------------------
+
+
+def new_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 64, 128), layers_per_block=1, norm_num_groups=16,
+    )
+
+
+def new_clip():
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    text = CLIPTextConfig(vocab_size=49408, hidden_size=TEXT_DIM, intermediate_size=256,
+                          num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
+                          bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    vision = CLIPVisionConfig(image_size=64, patch_size=8, hidden_size=TEXT_DIM,
+                              intermediate_size=256, num_hidden_layers=3, num_attention_heads=4)
+    return CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                projection_dim=TEXT_DIM))
+
+
+def new_unet(in_channels: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1,
+        block_out_channels=(64, 128, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_DIM, attention_head_dim=32, norm_num_groups=32,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpointed training loop
+# ----------------------------------------------------------------------------------------------
+
+
+class Checkpointed:
+    """A model + AdamW optimiser whose state is saved atomically and restored on start."""
+
+    def __init__(self, path: Path, model: torch.nn.Module, lr: float, seed: int) -> None:
+        self.path, self.model = path, model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        self.step = 0
+        self.rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)
+        if path.exists():
+            state = torch.load(path, weights_only=False)
+            model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step = state["step"]
+            self.rng.bit_generator.state = state["numpy_rng"]
+            torch.set_rng_state(state["torch_rng"])
+        self._saved_at = time.monotonic()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "step": self.step, "numpy_rng": self.rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state()}, tmp)
+        os.replace(tmp, self.path)
+        self._saved_at = time.monotonic()
+
+    def train(self, steps: int, loss_fn, every_seconds: float, desc: str) -> None:
+        """Run ``loss_fn(rng) -> loss`` until ``steps``, with a cosine-decayed learning rate."""
+        base = [g["lr"] for g in self.optimizer.param_groups]
+        bar = tqdm(total=steps, initial=self.step, desc=desc, mininterval=10, smoothing=0.05)
+        while self.step < steps:
+            scale = 0.5 * (1 + np.cos(np.pi * self.step / steps)) * min(1.0, (self.step + 1) / 200)
+            for group, lr in zip(self.optimizer.param_groups, base):
+                group["lr"] = lr * scale
+            loss = loss_fn(self.rng)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            if time.monotonic() - self._saved_at > every_seconds:
+                self.save()
+        for group, lr in zip(self.optimizer.param_groups, base):
+            group["lr"] = lr
+        self.save()
+        bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+# ----------------------------------------------------------------------------------------------
+
+
+def make_data(work: Path, n_scenes: int, n_pairs: int, seed: int) -> None:
+    """Render ``n_scenes`` random scenes and ``n_pairs`` edit pairs (all 7 tasks) to ``work``."""
+    from editeval.toyworld.pairs import sample_pair
+
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(rng) for _ in tqdm(range(n_scenes), desc="sampling scenes")]
+    images = np.stack([render(s) for s in tqdm(scenes, desc="rendering scenes", mininterval=10)])
+    np.save(work / "scenes.npy", images)
+    (work / "captions.json").write_text(json.dumps([s.caption() for s in scenes]))
+    pairs = [sample_pair(rng) for _ in tqdm(range(n_pairs), desc="edit pairs", mininterval=10)]
+    np.save(work / "pair_sources.npy", np.stack([p.source_image for p in pairs]))
+    np.save(work / "pair_targets.npy", np.stack([p.target_image for p in pairs]))
+    (work / "instructions.json").write_text(json.dumps([p.instruction for p in pairs]))
+
+
+def _pixels(batch: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_vae(work: Path, steps: int, seed: int, every: float, batch: int = 32) -> None:
+    images = np.load(work / "scenes.npy")
+    run = Checkpointed(work / "vae.ckpt", new_vae(), lr=1e-3, seed=seed)
+
+    def loss_fn(rng):
+        x = _pixels(images[rng.integers(0, len(images), batch)])
+        posterior = run.model.encode(x).latent_dist
+        recon = run.model.decode(posterior.sample()).sample
+        return F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+
+    run.train(steps, loss_fn, every, "vae")
+
+
+def _tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=77, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def train_clip(work: Path, steps: int, seed: int, every: float, batch: int = 128) -> None:
+    from editeval.testing import clip_tokenizer
+
+    images = np.load(work / "scenes.npy")
+    captions = json.loads((work / "captions.json").read_text())
+    tokenizer = clip_tokenizer()
+    run = Checkpointed(work / "clip.ckpt", new_clip(), lr=5e-4, seed=seed)
+
+    def loss_fn(rng):
+        index = rng.integers(0, len(images), batch)
+        pixels = _pixels(images[index])  # CLIP normalisation is part of export (image processor)
+        out = run.model(input_ids=_tokenize(tokenizer, [captions[i] for i in index]),
+                        pixel_values=pixels, return_loss=True)
+        return out.loss
+
+    run.train(steps, loss_fn, every, "clip")
+
+
+def _frozen(work: Path):
+    """The trained VAE and CLIP text tower (eval mode, no gradients) and the tokenizer."""
+    from editeval.testing import clip_tokenizer
+
+    vae, clip = new_vae(), new_clip()
+    vae.load_state_dict(torch.load(work / "vae.ckpt", weights_only=False)["model"])
+    clip.load_state_dict(torch.load(work / "clip.ckpt", weights_only=False)["model"])
+    for model in (vae, clip):
+        model.eval().requires_grad_(False)
+    return vae, clip, clip_tokenizer()
+
+
+@torch.no_grad()
+def _latents(vae, images: np.ndarray, chunk: int = 256) -> torch.Tensor:
+    return torch.cat([vae.encode(_pixels(images[i:i + chunk])).latent_dist.mean
+                      for i in range(0, len(images), chunk)])
+
+
+@torch.no_grad()
+def _text_states(clip, tokenizer, texts: list[str], chunk: int = 256) -> torch.Tensor:
+    """Last hidden states of the text tower, (N, 77, TEXT_DIM), as SD conditions on them."""
+    return torch.cat([clip.text_model(_tokenize(tokenizer, texts[i:i + chunk])).last_hidden_state
+                      for i in range(0, len(texts), chunk)]).half()
+
+
+def _cached(path: Path, compute):
+    if path.exists():
+        return torch.load(path)
+    value = compute()
+    torch.save(value, path)
+    return value
+
+
+def latent_scale(work: Path) -> float:
+    """1 / std of the VAE latents of the training scenes (stored once computed)."""
+    path = work / "latent_scale.json"
+    if not path.exists():
+        vae, _, _ = _frozen(work)
+        latents = _latents(vae, np.load(work / "scenes.npy")[:2048])
+        path.write_text(json.dumps({"scaling_factor": float(1 / latents.std())}))
+    return json.loads(path.read_text())["scaling_factor"]
+
+
+def train_unet(work: Path, steps: int, seed: int, every: float, batch: int = 64) -> None:
+    from diffusers import DDPMScheduler
+
+    vae, clip, tokenizer = _frozen(work)
+    scale = latent_scale(work)
+    captions = json.loads((work / "captions.json").read_text())
+    latents = _cached(work / "scene_latents.pt", lambda: _latents(vae, np.load(work / "scenes.npy")))
+    texts = _cached(work / "caption_states.pt", lambda: _text_states(clip, tokenizer, captions))
+    empty = _text_states(clip, tokenizer, [""]).float()
+    noise_scheduler = DDPMScheduler(**SCHEDULE)
+    run = Checkpointed(work / "unet.ckpt", new_unet(4), lr=3e-4, seed=seed)
+
+    def loss_fn(rng):
+        index = torch.from_numpy(rng.integers(0, len(latents), batch))
+        x0 = latents[index] * scale
+        cond = texts[index].float()
+        drop = torch.from_numpy(rng.random(batch) < 0.1)
+        cond[drop] = empty
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (batch,))
+        noisy = noise_scheduler.add_noise(x0, noise, t)
+        return F.mse_loss(run.model(noisy, t, encoder_hidden_states=cond).sample, noise)
+
+    run.train(steps, loss_fn, every, "unet")
+
+
+def train_ip2p(work: Path, steps: int, seed: int, every: float, batch: int = 64) -> None:
+    from diffusers import DDPMScheduler
+
+    vae, clip, tokenizer = _frozen(work)
+    scale = latent_scale(work)
+    instructions = json.loads((work / "instructions.json").read_text())
+    sources = _cached(work / "pair_source_latents.pt",
+                      lambda: _latents(vae, np.load(work / "pair_sources.npy")))
+    targets = _cached(work / "pair_target_latents.pt",
+                      lambda: _latents(vae, np.load(work / "pair_targets.npy")))
+    texts = _cached(work / "instruction_states.pt",
+                    lambda: _text_states(clip, tokenizer, instructions))
+    empty = _text_states(clip, tokenizer, [""]).float()
+    noise_scheduler = DDPMScheduler(**SCHEDULE)
+    run = Checkpointed(work / "ip2p.ckpt", new_unet(8), lr=3e-4, seed=seed)
+
+    def loss_fn(rng):
+        index = torch.from_numpy(rng.integers(0, len(targets), batch))
+        x0, source = targets[index] * scale, sources[index] * scale
+        cond = texts[index].float()
+        u = torch.from_numpy(rng.random(batch))
+        cond[(u < 0.05) | (u >= 0.10) & (u < 0.15)] = empty  # text dropped: 5% alone, 5% with image
+        source = source * ((u < 0.05) | (u >= 0.15)).float()[:, None, None, None]  # image dropped
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (batch,))
+        noisy = torch.cat([noise_scheduler.add_noise(x0, noise, t), source], dim=1)
+        return F.mse_loss(run.model(noisy, t, encoder_hidden_states=cond).sample, noise)
+
+    run.train(steps, loss_fn, every, "ip2p")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=["data", "vae", "clip", "unet", "ip2p", "export"])
+    parser.add_argument("--work", type=Path, default=Path("toy_training"))
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--checkpoint-seconds", type=float, default=120.0)
+    parser.add_argument("--scenes", type=int, default=20000)
+    parser.add_argument("--pairs", type=int, default=20000)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.stage == "data":
+        make_data(args.work, args.scenes, args.pairs, args.seed)
+    elif args.stage == "export":
+        from editeval.toyworld.models import export
+
+        export(args.work)
+    else:
+        trainer = {"vae": train_vae, "clip": train_clip, "unet": train_unet,
+                   "ip2p": train_ip2p}[args.stage]
+        trainer(args.work, args.steps, args.seed, args.checkpoint_seconds)
+
+
+if __name__ == "__main__":
+    main()
