@@ -112,7 +112,10 @@ def load_pipeline(
     """
     from diffusers import DiffusionPipeline
 
-    checkpoint = resolve_checkpoint(name_or_path, kind)
+    try:
+        checkpoint = resolve_checkpoint(name_or_path, kind)
+    except FileNotFoundError as err:  # a built-in model whose files are not installed
+        raise ModelNotAvailableError(str(err)) from None
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     is_path = Path(checkpoint).expanduser().exists()

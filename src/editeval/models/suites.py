@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from editeval import testing
+from editeval.toyworld import models as toy_models
 
 KINDS = ("text-to-image", "instruction", "inpainting")
 
@@ -64,6 +65,14 @@ SUITES: dict[str, ModelSuite] = {
             },
         ),
         ModelSuite(
+            "toy",
+            "editeval's own SD-architecture models trained on the toy world (64 px), shipped",
+            {
+                "text-to-image": lambda: toy_models.checkpoint("sd"),
+                "instruction": lambda: toy_models.checkpoint("ip2p"),
+            },
+        ),
+        ModelSuite(
             "tiny",
             "Tiny random-weight SD 1.5 architecture, built offline (64 px; noise, for plumbing tests)",
             {
@@ -81,6 +90,8 @@ ALIASES: dict[str, Checkpoint] = {
     "sdxl": SUITES["sdxl"].checkpoints["text-to-image"],
     "ip2p": SUITES["sd15"].checkpoints["instruction"],
     "sd15-inpaint": SUITES["sd15"].checkpoints["inpainting"],
+    "toy": SUITES["toy"].checkpoints["text-to-image"],
+    "toy-ip2p": SUITES["toy"].checkpoints["instruction"],
     "tiny": SUITES["tiny"].checkpoints["text-to-image"],
     "tiny-ip2p": SUITES["tiny"].checkpoints["instruction"],
 }

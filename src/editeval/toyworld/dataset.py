@@ -1,0 +1,84 @@
+"""The ``editeval-toy`` split: a fixed, versioned set of toy edit pairs, loaded like EditEval v1.
+
+Version 1: 30 pairs for each of the 7 EditEval tasks (210), drawn from ``SPLIT_SEED``, rendered at
+64 px. The split is generated on first use into the given folder (default: the editeval cache) with
+a ``manifest.json``; each sample carries its ground-truth target image, its edit-region mask and
+both scenes (``extra["source_scene"]``, ``extra["target_scene"]``, JSON) for the oracle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from editeval.data.samples import Dataset, DatasetError, Sample
+from editeval.toyworld.pairs import TASKS, sample_pair
+
+SPLIT_VERSION = 1
+SPLIT_SEED = 20261129
+PAIRS_PER_TASK = 30
+
+
+def default_root() -> Path:
+    from editeval.testing import cache_dir
+
+    return cache_dir() / "datasets" / f"editeval-toy-v{SPLIT_VERSION}"
+
+
+def build_split(root: Path) -> None:
+    """Render the split into ``root`` (images, masks, manifest.json); deterministic."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    records = []
+    for task in TASKS:
+        (root / task).mkdir(parents=True, exist_ok=True)
+        for number in range(1, PAIRS_PER_TASK + 1):
+            pair = sample_pair(rng, task)
+            stem = root / task / str(number)
+            Image.fromarray(pair.source_image).save(f"{stem}.png")
+            Image.fromarray(pair.target_image).save(f"{stem}_target.png")
+            Image.fromarray(pair.mask.astype(np.uint8) * 255).save(f"{stem}_mask.png")
+            records.append({
+                "id": f"{task}/{number}", "task": task,
+                "source_prompt": pair.source.caption(), "target_prompt": pair.target.caption(),
+                "instruction": pair.instruction,
+                "source_scene": pair.source.to_dict(), "target_scene": pair.target.to_dict(),
+            })
+    manifest = {"name": "editeval-toy", "version": SPLIT_VERSION, "seed": SPLIT_SEED,
+                "samples": records}
+    tmp = root / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, root / "manifest.json")  # written last: a complete split or none
+
+
+def load_editeval_toy(root: str | os.PathLike | None = None) -> Dataset:
+    """Load (building it first if needed) the ``editeval-toy`` split from ``root``.
+
+    Raises:
+        DatasetError: ``root`` holds a split of another version.
+    """
+    root = Path(root) if root is not None else default_root()
+    manifest_path = root / "manifest.json"
+    if not manifest_path.exists():
+        build_split(root)
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("version") != SPLIT_VERSION:
+        raise DatasetError(
+            f"{root} holds editeval-toy version {manifest.get('version')}, this editeval makes "
+            f"version {SPLIT_VERSION}; point --data-dir at an empty folder to build it"
+        )
+    samples = []
+    for record in manifest["samples"]:
+        stem = root / record["id"]
+        samples.append(Sample(
+            id=record["id"], task=record["task"], image_path=Path(f"{stem}.png"),
+            source_prompt=record["source_prompt"], target_prompt=record["target_prompt"],
+            instruction=record["instruction"], mask_path=Path(f"{stem}_mask.png"),
+            target_image_path=Path(f"{stem}_target.png"),
+            extra={"source_scene": json.dumps(record["source_scene"]),
+                   "target_scene": json.dumps(record["target_scene"])},
+        ))
+    return Dataset(name="editeval-toy", root=root, samples=samples)
