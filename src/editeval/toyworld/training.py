@@ -55,7 +55,7 @@ def new_vae():
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 64, 128), layers_per_block=1, norm_num_groups=16,
+        block_out_channels=(8, 16, 32, 64), layers_per_block=1, norm_num_groups=8,
     )
 
 
@@ -144,18 +144,22 @@ class Checkpointed:
 
 
 def make_data(work: Path, n_scenes: int, n_pairs: int, seed: int) -> None:
-    """Render ``n_scenes`` random scenes and ``n_pairs`` edit pairs (all 7 tasks) to ``work``."""
+    """Render ``n_scenes`` random scenes and ``n_pairs`` edit pairs (all 7 tasks) to ``work``
+    (either count 0 skips that part)."""
     from editeval.toyworld.pairs import sample_pair
 
-    rng = np.random.default_rng(seed)
-    scenes = [sample_scene(rng) for _ in tqdm(range(n_scenes), desc="sampling scenes")]
-    images = np.stack([render(s) for s in tqdm(scenes, desc="rendering scenes", mininterval=10)])
-    np.save(work / "scenes.npy", images)
-    (work / "captions.json").write_text(json.dumps([s.caption() for s in scenes]))
-    pairs = [sample_pair(rng) for _ in tqdm(range(n_pairs), desc="edit pairs", mininterval=10)]
-    np.save(work / "pair_sources.npy", np.stack([p.source_image for p in pairs]))
-    np.save(work / "pair_targets.npy", np.stack([p.target_image for p in pairs]))
-    (work / "instructions.json").write_text(json.dumps([p.instruction for p in pairs]))
+    if n_scenes:
+        rng = np.random.default_rng(seed)
+        scenes = [sample_scene(rng) for _ in range(n_scenes)]
+        images = [render(s) for s in tqdm(scenes, desc="rendering scenes", mininterval=10)]
+        np.save(work / "scenes.npy", np.stack(images))
+        (work / "captions.json").write_text(json.dumps([s.caption() for s in scenes]))
+    if n_pairs:
+        rng = np.random.default_rng(seed + 1)
+        pairs = [sample_pair(rng) for _ in tqdm(range(n_pairs), desc="edit pairs", mininterval=10)]
+        np.save(work / "pair_sources.npy", np.stack([p.source_image for p in pairs]))
+        np.save(work / "pair_targets.npy", np.stack([p.target_image for p in pairs]))
+        (work / "instructions.json").write_text(json.dumps([p.instruction for p in pairs]))
 
 
 def _pixels(batch: np.ndarray) -> torch.Tensor:
