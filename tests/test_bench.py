@@ -115,3 +115,16 @@ def test_unknown_parameter_fails_before_any_job(editeval_v1_dir, tmp_path):
     with pytest.raises(ValueError, match="no parameter steps"):
         run_bench(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_on_the_toy_split(tmp_path):
+    """Toy samples carry masks (full ones for style change): mask-free methods must not care."""
+    config = BenchConfig(dataset="editeval-toy", methods=["sdedit"], model="tiny",
+                         out=tmp_path / "run", data_dir=tmp_path / "toy",
+                         tasks=["style_change"], limit=3,
+                         params={"sdedit": {"num_inference_steps": 2}})
+    summary = run_bench(config)
+    assert (summary.done, summary.failed) == (3, 0)
+    with ResultStore(config.out) as store:
+        sizes = {Image.open(config.out / row.image_path).size for row in store.rows()}
+    assert sizes == {(64, 64)}

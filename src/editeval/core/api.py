@@ -35,15 +35,20 @@ def model_resolution(pipe: Any) -> int:
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
-def prepare_inputs(request: EditRequest, resolution: int) -> tuple[EditInputs, Any]:
+def prepare_inputs(request: EditRequest, resolution: int,
+                   needs: tuple[str, ...] = ()) -> tuple[EditInputs, Any]:
     """Load the request's images and bring them to ``resolution``; returns the inputs and the
-    :class:`~editeval.data.images.Geometry` that maps results back to the source size."""
+    :class:`~editeval.data.images.Geometry` that maps results back to the source size.
+
+    The mask and the reference image are loaded only when ``needs`` names them (the method's
+    inputs): a method that ignores masks is never refused for an empty or full one.
+    """
     image, geometry = fit_to_resolution(load_image(request.image), resolution)
     mask = None
-    if request.mask is not None:
+    if "mask" in needs and request.mask is not None:
         mask = load_mask(request.mask, size=image.size)
     reference = None
-    if request.reference is not None:
+    if "reference" in needs and request.reference is not None:
         reference = load_image(request.reference).resize(image.size)
     inputs = EditInputs(
         image=image,
@@ -95,7 +100,7 @@ def edit(
         from editeval.models import load_pipeline
 
         pipe = load_pipeline(model, card.model_kind, device=device, dtype=dtype)
-    inputs, geometry = prepare_inputs(request, model_resolution(pipe))
+    inputs, geometry = prepare_inputs(request, model_resolution(pipe), card.inputs)
     generator = torch.Generator("cpu").manual_seed(request.seed)
     with count_nfe(pipe.unet) as counter:
         start = time.perf_counter()
