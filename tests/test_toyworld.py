@@ -7,9 +7,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from editeval.data import load_dataset
+from editeval.data import TASKS, load_dataset
 from editeval.toyworld.oracle import attribute_accuracy, parse, score_edit
-from editeval.toyworld.pairs import TASKS, sample_pair
+from editeval.toyworld.pairs import sample_pair
 from editeval.toyworld.scenes import (
     BACKGROUNDS,
     COLOURS,

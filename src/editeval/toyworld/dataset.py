@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from editeval.data.samples import Dataset, DatasetError, Sample
-from editeval.toyworld.pairs import TASKS, sample_pair
+from editeval.data.samples import TASKS, Dataset, DatasetError, Sample
+from editeval.toyworld.pairs import sample_pair
 
 SPLIT_VERSION = 1
 SPLIT_SEED = 20261129

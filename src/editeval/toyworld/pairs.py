@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import ndimage
 
+from editeval.data.samples import TASKS
 from editeval.toyworld.scenes import (
     BACKGROUNDS,
     POSES,
@@ -29,8 +30,6 @@ from editeval.toyworld.scenes import (
     sample_scene,
 )
 
-TASKS = ("object_addition", "object_replacement", "object_removal", "background_change",
-         "style_change", "texture_change", "action_change")
 STYLE_INSTRUCTIONS = {"photo": "make it a photo", "night": "make it night",
                       "pixel": "turn it into pixel art"}
 
