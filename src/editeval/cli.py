@@ -141,6 +141,67 @@ def bench(
 
 
 @app.command()
+def score(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `editeval bench`.")],
+    judge: Annotated[str, typer.Option(help="oracle (toy runs), openai:MODEL (any OpenAI-compatible server) or local:MODEL (transformers).")] = "oracle",
+    mode: Annotated[str, typer.Option(help="comparative (one conversation per source over all methods, the survey's protocol) or per-image.")] = "comparative",
+    template: Annotated[Path | None, typer.Option(help="Your own prompt template ({task}, {instruction}, {n_images}).")] = None,
+    base_url: Annotated[str | None, typer.Option(help="API root of an OpenAI-compatible server (default $OPENAI_BASE_URL or OpenAI).")] = None,
+    api_key_env: Annotated[str, typer.Option(help="Environment variable that holds the API key (the key is never stored).")] = "OPENAI_API_KEY",
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 4,
+    repeats: Annotated[int, typer.Option(help="Score every item K times; the spread is reported.")] = 1,
+    budget: Annotated[int | None, typer.Option(help="At most this many requests in this call (cache hits are free).")] = None,
+    temperature: Annotated[float, typer.Option(help="Judge sampling temperature.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed for the shuffled order and the judge (seed + repeat).")] = 0,
+    max_side: Annotated[int, typer.Option(help="Images are downscaled to this longest side (px) before sending.")] = 512,
+    timeout: Annotated[float, typer.Option(help="Seconds per HTTP request.")] = 120.0,
+    structured: Annotated[bool, typer.Option(help="Also ask the server for JSON-schema structured output.")] = False,
+) -> None:
+    """Judge a run's edits with LMM Score (the survey's four factors) and print the leaderboard."""
+    from editeval.judge import Protocol, leaderboard, make_backend, score_run, to_markdown
+
+    with _clean_errors():
+        protocol = Protocol.from_file(template, mode) if template else Protocol(mode=mode)
+        backend = make_backend(judge, run_dir, base_url=base_url, api_key_env=api_key_env,
+                               budget=budget, temperature=temperature, seed=seed,
+                               max_side=max_side, timeout=timeout, structured=structured)
+        try:
+            summary = score_run(run_dir, backend, protocol, concurrency=concurrency,
+                                repeats=repeats, seed=seed, console=errors)
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from None
+        statuses = ", ".join(f"{n} {s}" for s, n in sorted(summary.statuses.items())) or "none"
+        errors.print(f"{summary.requests} requests sent; items judged now: {statuses}; "
+                     f"{summary.skipped_items} judged before")
+        if summary.budget_exhausted:
+            errors.print(f"[yellow]request budget of {budget} spent: rerun to continue")
+        table, identity = leaderboard(run_dir, backend.name)
+    console.print(to_markdown(table, identity), markup=False, highlight=False)
+
+
+@app.command(name="leaderboard")
+def leaderboard_command(
+    run_dir: Annotated[Path, typer.Argument(help="A scored run directory.")],
+    format: Annotated[str, typer.Option("--format", help="md or csv.")] = "md",
+    judge: Annotated[str | None, typer.Option(help="Which judge, when a run has several.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of the terminal.")] = None,
+) -> None:
+    """The leaderboard of a scored run: per task and method, mean and std of S_all."""
+    from editeval.judge import leaderboard, to_markdown
+
+    with _clean_errors():
+        if format not in ("md", "csv"):
+            raise ValueError(f"--format must be md or csv, not {format!r}")
+        table, identity = leaderboard(run_dir, judge)
+    text = to_markdown(table, identity) if format == "md" else table.to_csv(index=False)
+    if output:
+        output.write_text(text)
+        console.print(f"wrote {output}")
+    else:
+        console.print(text, markup=False, highlight=False, end="")
+
+
+@app.command()
 def methods(
     task: Annotated[str | None, typer.Option(help="Only methods meant for this task.")] = None,
     strategy: Annotated[str | None, typer.Option(help="training-based, test-time-finetuning or training-free.")] = None,

@@ -43,6 +43,29 @@ CREATE TABLE IF NOT EXISTS results (
 )
 """
 
+JUDGE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS judge_scores (
+    job_id           TEXT NOT NULL,
+    judge            TEXT NOT NULL,
+    protocol_version TEXT NOT NULL,
+    mode             TEXT NOT NULL,
+    repeat           INTEGER NOT NULL,
+    status           TEXT NOT NULL CHECK (status IN ('ok', 'parse_failed', 'refused', 'error')),
+    accuracy         INTEGER,
+    preservation     INTEGER,
+    quality          INTEGER,
+    realism          INTEGER,
+    s_all            REAL,
+    position         INTEGER,
+    group_size       INTEGER,
+    message          TEXT,
+    raw              TEXT,
+    cache_key        TEXT,
+    created_at       TEXT NOT NULL,
+    PRIMARY KEY (job_id, judge, protocol_version, mode, repeat)
+)
+"""
+
 # What must match for a run directory to be resumed with another command line.
 IDENTITY_KEYS = ("dataset", "model", "params")
 
@@ -79,6 +102,7 @@ class ResultStore:
         self._db = sqlite3.connect(self.run_dir / "results.sqlite", isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(SCHEMA)
+        self._db.execute(JUDGE_SCHEMA)
 
     def close(self) -> None:
         self._db.close()
@@ -152,6 +176,36 @@ class ResultStore:
             "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (*values, now),
         )
+
+    def judged(self, judge: str, protocol_version: str, mode: str) -> set[tuple[str, int]]:
+        """(job id, repeat) pairs that hold a final judgement (ok, parse failure or refusal; an
+        ``error``, such as a network failure, is retried)."""
+        rows = self._db.execute(
+            "SELECT job_id, repeat FROM judge_scores WHERE judge=? AND protocol_version=? AND "
+            "mode=? AND status != 'error'", (judge, protocol_version, mode))
+        return {(job_id, repeat) for job_id, repeat in rows}
+
+    def record_judgement(self, *, job_id: str, judge: str, protocol_version: str, mode: str,
+                         repeat: int, status: str, scores: Mapping[str, int] | None,
+                         s_all: float | None, position: int, group_size: int, message: str,
+                         raw: str, cache_key: str | None) -> None:
+        """Store one image's judgement (replacing an earlier one of the same key)."""
+        scores = scores or {}
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self._db.execute(
+            "INSERT OR REPLACE INTO judge_scores VALUES "
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, judge, protocol_version, mode, repeat, status, scores.get("accuracy"),
+             scores.get("preservation"), scores.get("quality"), scores.get("realism"), s_all,
+             position, group_size, message, raw, cache_key, now))
+
+    def judgements(self) -> list[dict[str, Any]]:
+        """All judgements joined with their jobs' method, task and sample."""
+        cursor = self._db.execute(
+            "SELECT j.*, r.method, r.task, r.sample_id, r.seed FROM judge_scores j "
+            "JOIN results r ON r.job_id = j.job_id ORDER BY j.job_id, j.repeat")
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor]
 
     def rows(self) -> Iterator[ResultRow]:
         """All stored rows, ordered by job id."""

@@ -1,0 +1,67 @@
+"""LMM Score: the survey's four-factor judge protocol, its backends, parsing and leaderboard."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from editeval.judge.backends import (
+    LocalVLMBackend,
+    OpenAICompatibleBackend,
+    OracleBackend,
+    RequestBudget,
+    ResponseCache,
+)
+from editeval.judge.leaderboard import leaderboard, to_markdown
+from editeval.judge.parsing import ImageScores, ParseFailure, parse_scores
+from editeval.judge.protocol import PROTOCOL_VERSION, Protocol, overall
+from editeval.judge.runner import ScoreSummary, score_run
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+def make_backend(spec: str, run_dir: str | os.PathLike, *, base_url: str | None = None,
+                 api_key_env: str = "OPENAI_API_KEY", budget: int | None = None,
+                 temperature: float = 0.0, seed: int = 0, max_side: int = 512,
+                 timeout: float = 120.0, structured: bool = False):
+    """A backend from ``oracle``, ``openai:MODEL`` or ``local:MODEL_ID_OR_PATH``.
+
+    OpenAI-compatible servers: ``base_url`` (else ``$OPENAI_BASE_URL``, else OpenAI's), key from
+    the environment variable ``api_key_env``. Responses are cached in ``RUN_DIR/judge_cache``.
+
+    Raises:
+        ValueError: an unknown judge spec.
+    """
+    cache = ResponseCache(Path(run_dir) / "judge_cache")
+    limit = RequestBudget(budget)
+    if spec == "oracle":
+        return OracleBackend(budget=limit)
+    kind, _, model = spec.partition(":")
+    if kind == "openai" and model:
+        return OpenAICompatibleBackend(
+            model=model, base_url=base_url or os.environ.get("OPENAI_BASE_URL", DEFAULT_BASE_URL),
+            api_key_env=api_key_env, cache=cache, budget=limit, temperature=temperature,
+            seed=seed, max_side=max_side, timeout=timeout, structured=structured)
+    if kind == "local" and model:
+        return LocalVLMBackend(model_id=model, cache=cache, budget=limit,
+                               temperature=temperature, seed=seed, max_side=max_side)
+    raise ValueError(f"unknown judge {spec!r}; use oracle, openai:MODEL (e.g. openai:gpt-4o) or "
+                     "local:MODEL (e.g. local:Qwen/Qwen2-VL-7B-Instruct)")
+
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ImageScores",
+    "LocalVLMBackend",
+    "OpenAICompatibleBackend",
+    "OracleBackend",
+    "ParseFailure",
+    "Protocol",
+    "ScoreSummary",
+    "leaderboard",
+    "make_backend",
+    "overall",
+    "parse_scores",
+    "score_run",
+    "to_markdown",
+]

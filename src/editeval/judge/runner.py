@@ -1,0 +1,137 @@
+"""Scoring a run directory with a judge: grouping, shuffling, concurrency, repeats, resume.
+
+``score_run`` reads the finished edits of a run, forms requests (comparative: one per sample and
+seed over all methods' outputs, in an order shuffled per request and recorded; per-image: one per
+edit), sends them with at most ``concurrency`` in flight, and stores every image's judgement in the
+run's ``results.sqlite`` (table ``judge_scores``) with the judge, protocol version, mode, repeat and
+raw answer. Items already judged are skipped, so a crashed or interrupted scoring resumes where it
+stopped; together with the response cache, a rerun sends no request for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from editeval.bench.store import ResultStore
+from editeval.data.datasets import load_dataset
+from editeval.judge.backends import BudgetExhausted, JudgeAnswer, JudgeRequest
+from editeval.judge.protocol import MODES, Protocol, overall
+
+
+@dataclass
+class ScoreSummary:
+    """Requests made in one call and how their items ended."""
+
+    requests: int = 0
+    skipped_items: int = 0
+    statuses: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    budget_exhausted: bool = False
+
+
+def _groups(rows: list[Any], mode: str) -> list[list[Any]]:
+    if mode == "per-image":
+        return [[row] for row in rows]
+    by_sample: dict[tuple[str, int], list[Any]] = defaultdict(list)
+    for row in rows:
+        by_sample[(row.sample_id, row.seed)].append(row)
+    return [sorted(group, key=lambda r: r.method) for _, group in sorted(by_sample.items())]
+
+
+def _shuffled(group: list[Any], repeat: int, seed: int) -> list[Any]:
+    """The group in a random order that depends only on its jobs, the repeat and the seed."""
+    digest = hashlib.sha256(json.dumps([[r.job_id for r in group], repeat, seed]).encode())
+    order = list(group)
+    random.Random(digest.hexdigest()).shuffle(order)
+    return order
+
+
+def _samples(run_dir: Path) -> dict[str, Any]:
+    config = json.loads((run_dir / "config.json").read_text())
+    dataset = load_dataset(config["dataset"], config.get("data_dir"), config.get("prompts_file"))
+    return {sample.id: sample for sample in dataset.samples}
+
+
+def score_run(run_dir: str | Path, backend: Any, protocol: Protocol = Protocol(), *,
+              concurrency: int = 4, repeats: int = 1, seed: int = 0,
+              console: Console | None = None) -> ScoreSummary:
+    """Judge every finished edit of ``run_dir`` ``repeats`` times (see the module docstring).
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a run directory. ValueError: unknown mode.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json); run "
+                                "`editeval bench ... --out RUN_DIR` first")
+    if protocol.mode not in MODES:
+        raise ValueError(f"unknown mode {protocol.mode!r}; expected one of {', '.join(MODES)}")
+    return asyncio.run(_score(run_dir, backend, protocol, concurrency, repeats, seed,
+                              console or Console(stderr=True)))
+
+
+async def _score(run_dir: Path, backend: Any, protocol: Protocol, concurrency: int, repeats: int,
+                 seed: int, console: Console) -> ScoreSummary:
+    summary = ScoreSummary()
+    samples = _samples(run_dir)
+    with ResultStore(run_dir) as store:
+        rows = [r for r in store.rows() if r.status == "done"]
+        done = store.judged(backend.name, protocol.version, protocol.mode)
+        todo = []
+        for group in _groups(rows, protocol.mode):
+            for repeat in range(repeats):
+                if all((r.job_id, repeat) in done for r in group):
+                    summary.skipped_items += len(group)
+                else:
+                    todo.append((_shuffled(group, repeat, seed), repeat))
+        gate = asyncio.Semaphore(concurrency)
+        budget_before = backend.budget.used
+
+        async def one(group: list[Any], repeat: int) -> tuple[list[Any], int, JudgeAnswer | None]:
+            async with gate:
+                if summary.budget_exhausted:
+                    return group, repeat, None
+                request = JudgeRequest(samples[group[0].sample_id],
+                                       [run_dir / r.image_path for r in group], repeat)
+                try:
+                    return group, repeat, await backend.judge(request, protocol)
+                except BudgetExhausted:
+                    summary.budget_exhausted = True
+                    return group, repeat, None
+
+        progress = Progress(TextColumn("[bold]judging"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), console=console)
+        try:
+            with progress:
+                task = progress.add_task("judging", total=len(todo))
+                for finished in asyncio.as_completed([one(g, r) for g, r in todo]):
+                    group, repeat, answer = await finished
+                    progress.advance(task)
+                    if answer is not None:
+                        _record(store, backend.name, protocol, group, repeat, answer, summary)
+        finally:
+            await backend.close()
+        summary.requests = backend.budget.used - budget_before
+    return summary
+
+
+def _record(store: ResultStore, judge: str, protocol: Protocol, group: list[Any], repeat: int,
+            answer: JudgeAnswer, summary: ScoreSummary) -> None:
+    for position, row in enumerate(group, start=1):
+        scores = answer.scores[position - 1].as_dict() if answer.status == "ok" else None
+        store.record_judgement(
+            job_id=row.job_id, judge=judge, protocol_version=protocol.version,
+            mode=protocol.mode, repeat=repeat, status=answer.status, scores=scores,
+            s_all=overall(scores) if scores else None, position=position,
+            group_size=len(group), message=answer.message, raw=answer.raw,
+            cache_key=answer.cache_key)
+        summary.statuses[answer.status] += 1
