@@ -4,7 +4,7 @@ Per task and method: the mean and standard deviation (population, ddof 0) over s
 where a sample's S_all is the mean over its successfully parsed repeats; ``n`` samples with a score;
 ``failures``: judged items without a score (parse failures, refusals, errors) over all repeats;
 ``repeat_spread``: the mean over samples of the standard deviation of S_all across repeats
-(0 with one repeat). Rows are ranked by mean, best first.
+(population, 0 with one repeat). Rows are ranked by mean, best first.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def leaderboard(run_dir: str | Path, judge: str | None = None) -> tuple[pd.DataF
     identity = keys.iloc[0].to_dict()
     frame = frame.merge(keys, on=list(identity))
     ok = frame[frame["status"] == "ok"]
-    per_job = ok.groupby(["task", "method", "job_id"])["s_all"].agg(["mean", "std"]).reset_index()
+    per_job = ok.groupby(["task", "method", "job_id"])["s_all"].agg(
+        mean="mean", spread=lambda v: v.std(ddof=0)).reset_index()
     rows = []
     for (task, method), jobs in per_job.groupby(["task", "method"]):
         items = frame[(frame["task"] == task) & (frame["method"] == method)]
@@ -50,7 +51,7 @@ def leaderboard(run_dir: str | Path, judge: str | None = None) -> tuple[pd.DataF
             "task": task, "method": method, "mean": jobs["mean"].mean(),
             "std": jobs["mean"].std(ddof=0), "n": len(jobs), "failures": failures,
             "items": len(items), "failure_rate": failures / len(items),
-            "repeat_spread": jobs["std"].fillna(0.0).mean(),
+            "repeat_spread": jobs["spread"].mean(),
         })
     scored = {(r["task"], r["method"]) for r in rows}
     for (task, method), items in frame.groupby(["task", "method"]):  # nothing parsed at all

@@ -1,0 +1,313 @@
+"""LMM Score against a real scripted HTTP server on 127.0.0.1, and with the toy oracle."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import random
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from judge_server import JudgeServer, chat, images_of, scores_json
+from PIL import Image
+from typer.testing import CliRunner
+
+from editeval.bench.store import ResultStore
+from editeval.cli import app
+from editeval.data import Sample, load_dataset, load_image
+from editeval.judge import (
+    OpenAICompatibleBackend,
+    Protocol,
+    leaderboard,
+    make_backend,
+    overall,
+    parse_scores,
+    score_run,
+)
+from editeval.judge.backends import JudgeRequest
+from editeval.judge.parsing import ParseFailure
+
+FOX = Path(__file__).resolve().parents[2] / "shared" / "reference" / "lmm_example"
+# the survey's published sub-scores (acc, pre, qua, real) and S_all for the fox example
+PUBLISHED = {
+    "6_SINE.png": ((6, 7, 5, 6), 6.1),
+    "6_proxedit.png": ((6, 8, 7, 6), 6.8),
+    "6_null_text.png": ((8, 9, 9, 8), 8.5),
+    "6_LEDITS_PLUSPLUS.png": ((7, 7, 7, 7), 7.0),
+    "6_InstructionPix2Pix.png": ((6, 10, 7, 6), 7.4),
+    "6_edict.png": ((1, 2, 1, 1), 1.3),
+    "6_DDS.png": ((7, 8, 7, 6), 7.2),
+    "6_AIDI.png": ((9, 9, 6, 7), 8.2),
+}
+
+
+def _thumb(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB").resize((16, 16), Image.Resampling.BOX), dtype=float)
+
+
+def test_fox_replay_gives_the_published_scores():
+    if not FOX.is_dir():
+        pytest.skip(f"the LMM Score example is not at {FOX}")
+    references = {name: _thumb(load_image(FOX / name)) for name in PUBLISHED}
+
+    def reply(body, call):
+        rows = []
+        for image in images_of(body):
+            name = min(references, key=lambda n: np.mean((references[n] - _thumb(image)) ** 2))
+            rows.append(PUBLISHED[name][0])
+        return 200, {}, chat(scores_json(rows)), 0.0
+
+    order = list(PUBLISHED)
+    random.Random(3).shuffle(order)
+    sample = Sample("background_change/6", "background_change", FOX / "6_src.jpg", "", "",
+                    "Change the snowland to a beach.")
+    with JudgeServer(reply) as server:
+        backend = OpenAICompatibleBackend("fake-gpt", server.url)
+        answer = asyncio.run(backend.judge(JudgeRequest(sample, [FOX / n for n in order]),
+                                           Protocol()))
+    assert answer.status == "ok"
+    assert [overall(s.as_dict()) for s in answer.scores] == [PUBLISHED[n][1] for n in order]
+    by_name = dict(zip(order, (overall(s.as_dict()) for s in answer.scores)))
+    assert [by_name[n] for n in PUBLISHED] == [6.1, 6.8, 8.5, 7.0, 7.4, 1.3, 7.2, 8.2]
+    sent = images_of(server.bodies[0])
+    assert len(sent) == 8 and all(image.mode == "RGB" for image in sent)
+    assert max(max(image.size) for image in sent) <= 512
+    assert "Change the snowland to a beach." in server.bodies[0]["messages"][-1]["content"][-1]["text"]
+
+
+@pytest.mark.parametrize("text, reason", [
+    (scores_json([(5, 5, 5, 5)]), "no scores for image(s) [2]"),
+    (scores_json([(11, 5, 5, 5), (5, 5, 5, 5)]), "accuracy is 11"),
+    ("The second image is clearly better, I would give it an 8.", "no JSON object"),
+    ('{"scores": [{"image": 1, "accuracy": 7, "preservation": 8', "no JSON object"),
+    (scores_json([(7, 5, 5, 5), (7, 5, 5, 5)]).replace('"accuracy": 7,', '"accuracy": 7.5,', 1),
+     "7.5"),
+])
+def test_malformed_answers_are_failures_not_scores(text, reason):
+    with pytest.raises(ParseFailure, match=re.escape(reason)) as info:
+        parse_scores(text, 2)
+    assert info.value.raw == text
+
+
+def test_lenient_only_where_unambiguous():
+    text = 'Here: {"scores": [{"image": 2, "S_acc": "9", "S_pre": 8.0, "S_qua": 7, "S_real": 6},' \
+           ' {"Image": 1, "accuracy": 1, "preservation": 2, "quality": 3, "realism": 4}]}'
+    first, second = parse_scores(text, 2)
+    assert first.as_dict() == {"accuracy": 1, "preservation": 2, "quality": 3, "realism": 4}
+    assert second.as_dict() == {"accuracy": 9, "preservation": 8, "quality": 7, "realism": 6}
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("toy")
+    load_dataset("editeval-toy", directory)
+    return directory
+
+
+@pytest.fixture
+def toy_run(toy_dir, tmp_path) -> Path:
+    """A run directory with two fake methods on 3 toy samples: `alpha` returns the ground-truth
+    target (a perfect edit), `beta` the unchanged source."""
+    samples = load_dataset("editeval-toy", toy_dir).select(["texture_change"], limit=3)
+    run = tmp_path / "run"
+    with ResultStore(run) as store:
+        store.check_config({"dataset": "editeval-toy", "data_dir": str(toy_dir),
+                            "prompts_file": None, "model": "fake", "params": {}})
+        for method, attribute in (("alpha", "target_image_path"), ("beta", "image_path")):
+            for sample in samples:
+                store.record_done(job_id=f"{method}/{sample.id}/seed0", method=method,
+                                  sample_id=sample.id, task=sample.task, seed=0,
+                                  image=Image.open(getattr(sample, attribute)), nfe=0,
+                                  wall_seconds=0.0, model="fake", params={})
+    return run
+
+
+def _valid(body, call):
+    return 200, {}, chat(scores_json([(5 + i % 5, 6, 7, 8) for i in range(len(images_of(body)))])), 0.0
+
+
+def test_retry_after_429_then_success(toy_run):
+    def reply(body, call):
+        if call == 0:
+            return 429, {"Retry-After": "1"}, {"error": {"message": "slow down"}}, 0.0
+        return _valid(body, call)
+
+    with JudgeServer(reply) as server:
+        backend = make_backend("openai:fake", toy_run, base_url=server.url)
+        start = time.monotonic()
+        summary = score_run(toy_run, backend, Protocol(mode="per-image"), concurrency=1)
+        elapsed = time.monotonic() - start
+    assert dict(summary.statuses) == {"ok": 6}
+    assert len(server.bodies) == 7 and summary.requests == 7
+    assert elapsed >= 1.0  # waited as the server asked
+
+
+def test_timeout_then_success(toy_run):
+    def reply(body, call):
+        return (*_valid(body, call)[:3], 1.5 if call == 0 else 0.0)
+
+    with JudgeServer(reply) as server:
+        backend = make_backend("openai:fake", toy_run, base_url=server.url, timeout=0.5)
+        backend.backoff = 0.01
+        summary = score_run(toy_run, backend, Protocol(), concurrency=1)
+    assert dict(summary.statuses) == {"ok": 6}  # comparative: 3 requests of 2 images
+    assert len(server.bodies) == 4
+
+
+def test_failures_and_refusals_are_recorded_with_raw_text(toy_run):
+    answers = ["prose only, no scores", scores_json([(11, 1, 1, 1)])]
+
+    def reply(body, call):
+        if call < 2:
+            return 200, {}, chat(answers[call]), 0.0
+        if call == 2:
+            return 400, {}, {"error": {"code": "content_filter",
+                                       "message": "The prompt was filtered."}}, 0.0
+        return _valid(body, call)
+
+    with JudgeServer(reply) as server:
+        backend = make_backend("openai:fake", toy_run, base_url=server.url)
+        summary = score_run(toy_run, backend, Protocol(mode="per-image"), concurrency=1)
+    assert dict(summary.statuses) == {"parse_failed": 2, "refused": 1, "ok": 3}
+    with ResultStore(toy_run) as store:
+        rows = store.judgements()
+    failed = [r for r in rows if r["status"] == "parse_failed"]
+    assert {r["raw"] for r in failed} == set(answers)
+    assert all(r["s_all"] is None and r["accuracy"] is None for r in failed)
+    refused = [r for r in rows if r["status"] == "refused"]
+    assert refused[0]["message"] == "The prompt was filtered."
+    table, _ = leaderboard(toy_run)
+    assert table["failures"].sum() == 3 and table["items"].sum() == 6
+
+
+def _judged(run: Path) -> int:
+    try:
+        with sqlite3.connect(run / "results.sqlite") as db:
+            return db.execute("SELECT COUNT(*) FROM judge_scores").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+@pytest.mark.slow
+def test_crash_half_way_then_resume_sends_nothing_twice(toy_run):
+    def reply(body, call):
+        return (*_valid(body, call)[:3], 0.4)
+
+    with JudgeServer(reply) as server:
+        command = [sys.executable, "-m", "editeval.cli", "score", str(toy_run), "--judge",
+                   "openai:fake", "--base-url", server.url, "--mode", "per-image",
+                   "--concurrency", "1"]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while _judged(toy_run) < 2 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        judged = _judged(toy_run)
+        cached = len(list((toy_run / "judge_cache").rglob("*.json")))
+        assert 2 <= judged < 6
+        sent_before = len(server.bodies)
+        resumed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert resumed.returncode == 0, resumed.stderr
+        assert len(server.bodies) - sent_before == 6 - cached  # finished items: no new request
+        assert _judged(toy_run) == 6
+        again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert len(server.bodies) - sent_before == 6 - cached
+        assert "0 requests sent" in again.stderr
+
+
+def test_api_key_is_sent_but_never_stored(toy_run, monkeypatch):
+    secret = "sk-test-0123456789abcdef"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    with JudgeServer(_valid) as server:
+        score_run(toy_run, make_backend("openai:fake", toy_run, base_url=server.url), Protocol())
+    assert all(h["Authorization"] == f"Bearer {secret}" for h in server.headers)
+    for path in toy_run.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_rescoring_hits_the_cache(toy_run):
+    with JudgeServer(_valid) as server:
+        first = score_run(toy_run, make_backend("openai:fake", toy_run, base_url=server.url),
+                          Protocol())
+        with sqlite3.connect(toy_run / "results.sqlite") as db:  # lose the scores, keep the cache
+            db.execute("DELETE FROM judge_scores")
+        second = score_run(toy_run, make_backend("openai:fake", toy_run, base_url=server.url),
+                           Protocol())
+    assert first.requests == 3 and second.requests == 0 and len(server.bodies) == 3
+    assert dict(second.statuses) == {"ok": 6}
+
+
+def test_repeats_report_their_spread(toy_run):
+    def reply(body, call):
+        n = len(images_of(body))
+        value = 4 + 2 * (body["seed"] % 2)  # seed 0 -> 4, seed 1 -> 6
+        return 200, {}, chat(scores_json([(value, value, value, value)] * n)), 0.0
+
+    with JudgeServer(reply) as server:
+        backend = make_backend("openai:fake", toy_run, base_url=server.url, temperature=0.7)
+        summary = score_run(toy_run, backend, Protocol(), repeats=2)
+    assert summary.requests == 6
+    assert {b["temperature"] for b in server.bodies} == {0.7}
+    assert {b["seed"] for b in server.bodies} == {0, 1}
+    table, _ = leaderboard(toy_run)
+    assert list(table["mean"]) == [5.0, 5.0]
+    assert list(table["repeat_spread"]) == [1.0, 1.0]  # population std of (4, 6)
+
+
+def test_oracle_judge_and_leaderboard(toy_run, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["score", str(toy_run), "--judge", "oracle"])
+    assert result.exit_code == 0, result.output
+    assert "| 1 | alpha | 10.00 | 0.00 | 3 | 0/3 |" in result.output
+    table, identity = leaderboard(toy_run)
+    assert identity["judge"] == "oracle"
+    assert list(table["method"]) == ["alpha", "beta"] and table["mean"][0] == 10.0
+    assert table["mean"][1] < 10.0
+    out = tmp_path / "board.csv"
+    csv = runner.invoke(app, ["leaderboard", str(toy_run), "--format", "csv", "-o", str(out)])
+    assert csv.exit_code == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "task,rank,method,mean,std,n,failures,items,failure_rate,repeat_spread"
+    assert lines[1].startswith("texture_change,1,alpha,10.0,0.0,3,0,3,0.0,")
+
+
+def test_custom_template(tmp_path):
+    template = tmp_path / "mine.txt"
+    template.write_text("Judge the {task} edit '{instruction}' over {n_images} images.")
+    protocol = Protocol.from_file(template)
+    assert protocol.version.startswith("custom-") and len(protocol.version) == 19
+    assert protocol.prompt("style_change", "make it night", 3).startswith(
+        "Judge the style change edit 'make it night' over 3 images.")
+    template.write_text("Judge {nonsense}")
+    with pytest.raises(ValueError, match="nonsense"):
+        Protocol.from_file(template)
+
+
+def test_unknown_judge_is_explained(tmp_path):
+    with pytest.raises(ValueError, match="openai:MODEL"):
+        make_backend("gpt-4o", tmp_path)
+
+
+def test_images_are_png_data_urls(tmp_path):
+    rgba = Image.new("RGBA", (1200, 600), (255, 0, 0, 0))
+    rgba.save(tmp_path / "clear.png")
+    from editeval.judge.backends import encode_image
+
+    url = encode_image(tmp_path / "clear.png", 512)
+    import base64
+
+    decoded = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert url.startswith("data:image/png;base64,")
+    assert decoded.size == (512, 256) and decoded.mode == "RGB"
+    assert decoded.getpixel((10, 10)) == (255, 255, 255)  # transparent -> white
+    assert json.dumps(url)  # plain ASCII
