@@ -101,6 +101,7 @@ class ResultStore:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.run_dir / "results.sqlite", isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: safe against process crashes
         self._db.execute(SCHEMA)
         self._db.execute(JUDGE_SCHEMA)
 

@@ -178,7 +178,7 @@ class OpenAICompatibleBackend:
         return body
 
     async def judge(self, request: JudgeRequest, protocol: Protocol) -> JudgeAnswer:
-        body = self.payload(request, protocol)
+        body = await asyncio.to_thread(self.payload, request, protocol)  # image encoding
         key = ResponseCache.key({**body, "repeat": request.repeat})
         cached = self.cache.get(key) if self.cache else None
         if cached is not None:
