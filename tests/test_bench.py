@@ -63,7 +63,7 @@ def test_sigkill_mid_run_then_resume(editeval_v1_dir, tmp_path):
     assert f"{6 - killed_at} done" in resumed.stdout.replace("\n", " ")
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "All 6 jobs already finished" in again.stderr
+    assert again.returncode == 0 and "Nothing to run: all 6 jobs are finished" in again.stderr
 
 
 def test_failed_job_is_recorded_and_the_run_goes_on(editeval_v1_dir, tmp_path):

@@ -65,3 +65,29 @@ def test_methods_lists_the_cards():
     assert "2108.01073" in result.output
     only_free = runner.invoke(app, ["methods", "--strategy", "training-free"], env={"COLUMNS": "200"})
     assert "sdedit" in only_free.output and "instructpix2pix" not in only_free.output
+
+
+def test_bad_output_extension_fails_before_editing(shared, tmp_path):
+    result = runner.invoke(app, ["edit", str(shared / "object_addition" / "1.jpg"), "--method",
+                                 "sdedit", "--target-prompt", "x", "--model", "tiny", "-o",
+                                 str(tmp_path / "out.xyz")])
+    assert result.exit_code == 2 and "unknown image extension .xyz" in result.output
+
+
+def test_sdedit_refuses_an_instruction_model(shared, tmp_path):
+    result = runner.invoke(app, ["edit", str(shared / "object_addition" / "1.jpg"), "--method",
+                                 "sdedit", "--target-prompt", "x", "--model", "tiny-ip2p", "-o",
+                                 str(tmp_path / "out.png")])
+    assert result.exit_code == 2 and "4-channel" in result.output
+
+
+def test_bench_with_missing_models_names_them_all_and_writes_nothing(editeval_v1_dir, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["bench", "--data-dir", str(editeval_v1_dir), "--model", "sd15",
+                                 "--out", str(out), "--limit", "1"])
+    assert result.exit_code == 2
+    assert "timbrooks/instruct-pix2pix" in result.output
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in result.output
+    assert not out.exists()

@@ -311,3 +311,34 @@ def test_images_are_png_data_urls(tmp_path):
     assert decoded.size == (512, 256) and decoded.mode == "RGB"
     assert decoded.getpixel((10, 10)) == (255, 255, 255)  # transparent -> white
     assert json.dumps(url)  # plain ASCII
+
+
+def test_local_vlm_backend_plumbing(toy_run, monkeypatch):
+    """A tiny random LLaVA model through AutoModelForImageTextToText: the request reaches the
+    model with all images, random text is a recorded parse failure, the answer is cached."""
+    from editeval.judge.backends import LocalVLMBackend
+    from editeval.testing import tiny_checkpoint
+
+    backend = make_backend(f"local:{tiny_checkpoint('vlm')}", toy_run)
+    assert isinstance(backend, LocalVLMBackend)
+    backend.max_new_tokens = 8
+    calls = []
+    generate = LocalVLMBackend._generate
+
+    def counting(self, messages, images, repeat):
+        calls.append(len(images))
+        return generate(self, messages, images, repeat)
+
+    monkeypatch.setattr(LocalVLMBackend, "_generate", counting)
+    summary = score_run(toy_run, backend, Protocol())
+    assert calls == [3, 3, 3]  # source + 2 edits per comparative request
+    assert dict(summary.statuses) == {"parse_failed": 6}
+    with ResultStore(toy_run) as store:
+        rows = store.judgements()
+    assert all(r["raw"] and r["s_all"] is None for r in rows)
+    with sqlite3.connect(toy_run / "results.sqlite") as db:
+        db.execute("DELETE FROM judge_scores")
+    again = make_backend(f"local:{tiny_checkpoint('vlm')}", toy_run)
+    again.max_new_tokens = 8
+    score_run(toy_run, again, Protocol())
+    assert calls == [3, 3, 3]  # all from the cache

@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)  # error lines stay whole (logs, grep)
 
 
 @contextmanager
@@ -81,10 +81,15 @@ def edit(
     dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32; default fp16 on CUDA, fp32 on CPU.")] = None,
 ) -> None:
     """Edit one image with one method and write the result at the source's size."""
+    from PIL import Image
+
     from editeval.core import EditRequest
     from editeval.core import edit as run_edit
 
     with _clean_errors():
+        if output.suffix.lower() not in Image.registered_extensions():
+            raise ValueError(f"cannot write {output}: unknown image extension "
+                             f"{output.suffix or '(none)'}; use .png, .jpg, .webp, ...")
         request = EditRequest(image, source_prompt=source_prompt, target_prompt=target_prompt,
                               instruction=instruction, mask=mask, seed=seed,
                               params=_parse_params(param, qualified=False))
@@ -123,7 +128,12 @@ def bench(
                          limit=limit, seeds=seed, params=_parse_params(set_, qualified=True),
                          device=device, dtype=dtype, retry_failed=retry_failed)
     with _clean_errors():
-        summary = run_bench(config, console=errors)
+        try:
+            summary = run_bench(config, console=errors)
+        except KeyboardInterrupt:
+            errors.print(f"\n[yellow]interrupted[/yellow]: finished jobs are kept in {out}; "
+                         "run the same command again to resume")
+            raise typer.Exit(130) from None
     with ResultStore(out) as store:
         stats = summarize(store.rows())
     table = Table(title=f"{out}  ({summary.done} done and {summary.failed} failed now, "
@@ -131,8 +141,9 @@ def bench(
     for column in ("method", "done", "failed", "mean NFE", "mean s/edit"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for name, row in sorted(stats.items()):
-        table.add_row(name, str(row["done"]), str(row["failed"]), f"{row['mean_nfe']:.0f}",
-                      f"{row['mean_seconds']:.2f}")
+        nfe = "-" if row["done"] == 0 else f"{row['mean_nfe']:.0f}"
+        seconds = "-" if row["done"] == 0 else f"{row['mean_seconds']:.2f}"
+        table.add_row(name, str(row["done"]), str(row["failed"]), nfe, seconds)
     console.print(table)
     for job_id, error in list(summary.errors.items())[:5]:
         errors.print(f"[red]failed[/red] {job_id}: {error.splitlines()[0]}", highlight=False)
@@ -248,16 +259,13 @@ def models() -> None:
     """List the model suites and short names."""
     from editeval.models import ALIASES, KINDS, SUITES
 
-    table = Table(title="model suites (--model NAME)")
-    table.add_column("suite")
-    table.add_column("description")
-    for kind in KINDS:
-        table.add_column(kind)
     for suite in SUITES.values():
-        cells = [suite.checkpoints.get(kind) for kind in KINDS]
-        table.add_row(suite.name, suite.description,
-                      *("-" if c is None else "(built offline)" if callable(c) else c for c in cells))
-    console.print(table)
+        console.print(f"[bold]{suite.name}[/bold]  {suite.description}")
+        for kind in KINDS:
+            checkpoint = suite.checkpoints.get(kind)
+            if checkpoint is not None:
+                where = "(built or shipped with editeval)" if callable(checkpoint) else checkpoint
+                console.print(f"    {kind:<14} {where}", highlight=False)
     console.print("short names: " + ", ".join(sorted(ALIASES)))
 
 
@@ -268,13 +276,16 @@ def catalog(
     year: Annotated[int | None, typer.Option(help="Publication year (of the list's date).")] = None,
     search: Annotated[str | None, typer.Option(help="Case-insensitive text in title or venue.")] = None,
     implemented: Annotated[bool, typer.Option("--implemented", help="Only papers editeval implements.")] = False,
-    plot: Annotated[Path | None, typer.Option(help="Also draw paper counts per sub-category and year to this file.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Instead of listing, draw the matching papers' counts per sub-category and year to this file.")] = None,
 ) -> None:
     """Search the survey's paper catalog; * marks papers editeval implements."""
     from editeval.taxonomy import load_catalog, plot_statistics, query
 
     with _clean_errors():
         papers = query(strategy=strategy, subcategory=subcategory, year=year, search=search)
+    if plot:
+        console.print(f"wrote {plot_statistics(papers, plot)} ({len(papers)} entries)")
+        return
     done = implemented_papers()
     if implemented:
         papers = [p for p in papers if (p.title, p.subcategory) in done]
@@ -286,8 +297,6 @@ def catalog(
         table.add_row("*" if method else "", p.title, p.venue, p.date, p.arxiv_id or "",
                       p.subcategory, method)
     console.print(table)
-    if plot:
-        console.print(f"wrote {plot_statistics(load_catalog(), plot)}")
 
 
 def implemented_papers() -> dict[tuple[str, str], str]:

@@ -168,12 +168,56 @@ def build_tiny_ip2p(path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+_VLM_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def build_tiny_vlm(path: str | os.PathLike) -> Path:
+    """Build a tiny random LLaVA-architecture vision-language model with its processor (the CLIP
+    tokenizer plus an ``<image>`` token, a chat template) and save it to ``path``; it loads through
+    ``AutoModelForImageTextToText`` / ``AutoProcessor`` like a real judge model."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = clip_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.model_max_length = 4096  # judge prompts are long
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                           crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        chat_template=_VLM_CHAT_TEMPLATE, num_additional_image_tokens=1)
+    torch.manual_seed(TINY_SEED)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=16,
+                                       intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2).to_dict(),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, max_position_embeddings=4096).to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default", vision_feature_layer=-1)
+    LlavaForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return Path(path)
+
+
 @lru_cache(maxsize=None)
 def tiny_checkpoint(kind: str) -> Path:
-    """Path of the saved tiny checkpoint of ``kind`` ("sd" or "ip2p"), building it on first use."""
+    """Path of the saved tiny checkpoint of ``kind`` ("sd", "ip2p" or "vlm"), built on first use."""
     from editeval.models.loading import quiet_progress_bars
 
-    builders = {"sd": build_tiny_sd, "ip2p": build_tiny_ip2p}
+    builders = {"sd": build_tiny_sd, "ip2p": build_tiny_ip2p, "vlm": build_tiny_vlm}
     path = cache_dir() / "tiny" / f"v{TINY_VERSION}" / kind
     if not (path / "model_index.json").exists():
         tmp = path.with_name(f"{kind}.tmp{os.getpid()}")

@@ -107,7 +107,7 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchSumma
         DatasetError, KeyError (unknown method), ValueError (bad parameters), RunConfigError,
         ModelNotAvailableError: before any job runs.
     """
-    from editeval.models import load_pipeline
+    from editeval.models import ModelNotAvailableError, load_pipeline
 
     console = console or Console(stderr=True)
     cards = {name: get_method(name).card for name in config.methods}
@@ -119,24 +119,43 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchSumma
     dataset = load_dataset(config.dataset, config.data_dir, config.prompts_file)
     samples = dataset.select(config.tasks or None, config.limit)
     jobs = plan_jobs(samples, config.methods, config.seeds)
+    finished: set[str] = set()
+    if (config.out / "results.sqlite").exists():
+        with ResultStore(config.out) as store:
+            store.check_config(config.identity())
+            finished = store.finished(config.retry_failed)
+    pending = [job for job in jobs if job.job_id not in finished]
+    summary = BenchSummary(len(jobs), len(jobs) - len(pending), 0, 0, dataset.missing, {})
+    if not pending:
+        console.print(f"Nothing to run: all {len(jobs)} jobs are finished in {config.out}"
+                      + ("" if config.retry_failed else " or failed earlier (--skip-failed)."))
+        return summary
+    # every model before anything is written, so a missing one leaves no half-made run directory
+    pipes, missing = {}, []
+    for kind in sorted({cards[job.method].model_kind for job in pending}):
+        try:
+            pipes[kind] = load_pipeline(config.model, kind, device=config.device,
+                                        dtype=config.dtype)
+        except ModelNotAvailableError as err:
+            missing.append(str(err))
+    if missing:
+        raise ModelNotAvailableError("\n".join(missing))
 
     with ResultStore(config.out) as store:
         store.check_config(config.identity())
-        finished = store.finished(config.retry_failed)
-        pending = [job for job in jobs if job.job_id not in finished]
-        summary = BenchSummary(len(jobs), len(jobs) - len(pending), 0, 0, dataset.missing, {})
-        if not pending:
-            console.print(f"All {len(jobs)} jobs already finished in {config.out}.")
-            return summary
-        kinds = {cards[job.method].model_kind for job in pending}
-        pipes = {kind: load_pipeline(config.model, kind, device=config.device, dtype=config.dtype)
-                 for kind in sorted(kinds)}
         with _progress(console) as progress:
             task = progress.add_task("editing", total=len(jobs), completed=summary.skipped)
-            for job in pending:
+            for number, job in enumerate(pending, start=summary.skipped + 1):
                 progress.update(task, description=f"{job.method} {job.sample.id}")
                 _run_job(job, pipes[cards[job.method].model_kind], config, store, summary)
                 progress.advance(task)
+                if not console.is_terminal:  # a log file gets one line per job instead of a bar
+                    elapsed = progress.tasks[0].elapsed or 0.0
+                    done_now = number - summary.skipped
+                    eta = elapsed / done_now * (len(jobs) - number)
+                    console.print(f"[{number}/{len(jobs)}] {job.job_id} "
+                                  f"{'failed' if job.job_id in summary.errors else 'done'}; "
+                                  f"elapsed {elapsed:.0f} s, ETA {eta:.0f} s", highlight=False)
     return summary
 
 

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,6 +313,7 @@ class LocalVLMBackend:
     _model: Any = None
     _processor: Any = None
     budget: RequestBudget = field(default_factory=RequestBudget)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def name(self) -> str:
@@ -360,6 +362,10 @@ class LocalVLMBackend:
         return _answer_from_text(answer, len(request.images), key)
 
     def _generate(self, messages: list[dict], images: list[Image.Image], repeat: int) -> str:
+        with self._lock:  # one model, one request at a time
+            return self._generate_locked(messages, images, repeat)
+
+    def _generate_locked(self, messages: list[dict], images: list[Image.Image], repeat: int) -> str:
         import torch
 
         if self._model is None:

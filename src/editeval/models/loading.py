@@ -117,6 +117,8 @@ def load_pipeline(
     except FileNotFoundError as err:  # a built-in model whose files are not installed
         raise ModelNotAvailableError(str(err)) from None
     device = device or default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but no CUDA GPU is visible; use --device cpu")
     torch_dtype = resolve_dtype(dtype, device)
     is_path = Path(checkpoint).expanduser().exists()
     if not is_path and (checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") > 1):
@@ -131,7 +133,8 @@ def load_pipeline(
                 checkpoint, dtype=torch_dtype, local_files_only=local_only, **kwargs
             )
     except (OSError, ValueError) as err:
-        reason = "no network and not in the local cache" if local_only and not is_path else str(err)
+        reason = ("no network and not in the local cache" if local_only and not is_path
+                  else str(err).rstrip(". "))
         raise _not_available(checkpoint, reason, is_hub_id=not is_path) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe if device == "cpu" else pipe.to(device)  # loaded on the CPU
