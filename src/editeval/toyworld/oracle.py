@@ -10,12 +10,12 @@ Parsing uses classical vision on the known palette, in this order:
    object colours and their shades above 0.7). Objects never cross their slot's column band, so the
    largest connected component in each band is that slot's object (components under 12 px at 64 px
    are noise).
-3. Per object: the colour is the palette colour nearest to the brighter pixels' median; the
-   texture from the share and layout of shade pixels (darker than 0.75 x the colour): under 8%
-   plain, else striped when the shade rows are periodic with whole rows dark, dotted otherwise;
-   the size from the bounding box (longest side over 0.205 of the image: large); the shape and pose
-   from the fill ratio, aspect ratio and where the mass sits (see :func:`_shape`).
-4. Background: the palette background nearest to the mean colour of the non-object pixels.
+3. Per object: the colour is the palette colour nearest to the median of its brighter pixels;
+   shape, pose and size by analysis by synthesis: every (shape, pose, size) is rendered at the
+   object's slot and height over the measured background colour, styled and thresholded like the
+   image, and the best overlap (IoU, at least 0.5) wins; the texture is the one whose expected
+   shade pattern (plain, striped, dotted) best fits the brightness inside the object.
+4. Background: the palette background nearest to the median colour of the non-object pixels.
 
 Edit scores, like an LMM judge's (integers 1..10), with S_all = 0.4 acc + 0.3 pre + 0.2 qua + 0.1 real:
 
@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+
+from editeval.judge.protocol import FACTORS, overall
 
 from editeval.toyworld.scenes import (
     BACKGROUNDS,
@@ -57,7 +59,6 @@ from editeval.toyworld.scenes import (
     pattern,
 )
 
-WEIGHTS = {"accuracy": 0.4, "preservation": 0.3, "quality": 0.2, "realism": 0.1}
 _BACKGROUND_MEANS = {k: (np.array(a) + np.array(b)) / 2 for k, (a, b) in BACKGROUNDS.items()}
 _PALETTE = {k: np.array(v, dtype=np.float64) for k, v in COLOURS.items()}
 SATURATION = 0.6  # object pixels are more saturated than this, background pixels less
@@ -227,7 +228,7 @@ class EditScore:
     @property
     def overall(self) -> float:
         """S_all = 0.4 acc + 0.3 pre + 0.2 qua + 0.1 real."""
-        return round(sum(WEIGHTS[k] * getattr(self, k) for k in WEIGHTS), 4)
+        return overall({factor: getattr(self, factor) for factor in FACTORS})
 
 
 def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
