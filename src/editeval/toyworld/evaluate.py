@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     from editeval.models import load_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="toy")
+    parser.add_argument("--model", default="toy", help="suite name, or a text-to-image folder")
+    parser.add_argument("--instruction-model", default=None,
+                        help="instruction folder (default: the suite's instruction checkpoint)")
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--ip2p-steps", type=int, default=50)
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append((f"text-to-image {key} correct, 50 DDIM steps, guidance 7.5",
                          f"{100 * accuracy[key]:.1f}%", ">= 90%"))
     if "ip2p" not in args.skip:
-        ip2p = load_pipeline(args.model, "instruction")
+        ip2p = load_pipeline(args.instruction_model or args.model, "instruction")
         samples = load_dataset("editeval-toy").samples  # all 210
         quality = instruction_edit_quality(ip2p, samples, args.ip2p_steps)
         rows.append((f"InstructPix2Pix oracle success, mean of 7 tasks ({args.ip2p_steps} steps)",

@@ -58,7 +58,7 @@ def export(work: Path, out: Path = WEIGHTS) -> None:
     vae.register_to_config(scaling_factor=latent_scale(work))
     clip = load(new_clip(), "clip")
     text_encoder = CLIPTextModel(clip.config.text_config)
-    text_encoder.text_model.load_state_dict(clip.text_model.state_dict())
+    text_encoder.load_state_dict(clip.text_model.state_dict())
     tokenizer = clip_tokenizer()
     common = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, safety_checker=None,
                   feature_extractor=None, requires_safety_checker=False)

@@ -1,0 +1,65 @@
+"""The shipped toy models: they load offline like any checkpoint, and small-sample regressions of
+their measured quality (the levels reached so far, see docs/toyworld.md; the toy-world issue's
+bars are higher and not all met yet)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from editeval.data import load_dataset
+from editeval.models import load_pipeline
+from editeval.toyworld.evaluate import (
+    instruction_edit_quality,
+    inversion_psnr,
+    text_to_image_accuracy,
+    vae_psnr,
+)
+from editeval.toyworld.models import WEIGHTS
+from editeval.toyworld.scenes import sample_scene
+
+pytestmark = pytest.mark.skipif(not (WEIGHTS / "sd" / "model_index.json").exists(),
+                                reason=f"toy weights not exported to {WEIGHTS}")
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_pipeline("toy"), load_pipeline("toy", "instruction")
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    rng = np.random.default_rng(2024)
+    return [sample_scene(rng) for _ in range(16)]
+
+
+def test_toy_models_load_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sd, ip2p = load_pipeline("toy"), load_pipeline("toy", "instruction")
+    assert type(sd).__name__ == "StableDiffusionPipeline"
+    assert type(ip2p).__name__ == "StableDiffusionInstructPix2PixPipeline"
+    assert sd.unet.config.in_channels == 4 and ip2p.unet.config.in_channels == 8
+    assert sd.vae_scale_factor == 8 and sd.unet.config.sample_size == 8  # 64 px, 8x8x4 latents
+    assert type(sd.scheduler).__name__ == "PNDMScheduler"
+    assert (WEIGHTS / "ip2p" / "vae").is_symlink()  # shared with sd, stored once
+    sizes = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file() and not f.is_symlink())
+    assert sizes <= 50 * 2**20
+
+
+def test_vae_reconstruction(toy, scenes):
+    assert vae_psnr(toy[0], scenes) >= VAE_PSNR
+
+
+def test_ddim_inversion_reconstruction(toy, scenes):
+    assert inversion_psnr(toy[0], scenes[:6]) >= INVERSION_PSNR
+
+
+def test_text_to_image(toy, scenes):
+    accuracy = text_to_image_accuracy(toy[0], scenes)
+    assert accuracy["background"] >= T2I_BACKGROUND
+
+
+def test_instructpix2pix_edits(toy):
+    samples = load_dataset("editeval-toy").samples[::15]  # 2 per task
+    quality = instruction_edit_quality(toy[1], samples, steps=20)
+    assert quality["success"] >= IP2P_SUCCESS
