@@ -54,7 +54,7 @@ def test_missing_model_is_a_short_error(shared, monkeypatch):
 
 def test_bench_without_data_dir_explains(monkeypatch):
     monkeypatch.delenv("EDITEVAL_V1_DIR", raising=False)
-    result = runner.invoke(app, ["bench", "--model", "tiny"])
+    result = runner.invoke(app, ["bench", "--dataset", "editeval-v1", "--model", "tiny"])
     assert result.exit_code == 2 and "--data-dir" in result.output
 
 
@@ -85,8 +85,9 @@ def test_bench_with_missing_models_names_them_all_and_writes_nothing(editeval_v1
                                                                      monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "run"
-    result = runner.invoke(app, ["bench", "--data-dir", str(editeval_v1_dir), "--model", "sd15",
-                                 "--out", str(out), "--limit", "1"])
+    result = runner.invoke(app, ["bench", "--dataset", "editeval-v1", "--data-dir",
+                                 str(editeval_v1_dir), "--model", "sd15", "--out", str(out),
+                                 "--limit", "1"])
     assert result.exit_code == 2
     assert "timbrooks/instruct-pix2pix" in result.output
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in result.output

@@ -18,6 +18,12 @@ from editeval.toyworld.evaluate import (
 from editeval.toyworld.models import WEIGHTS
 from editeval.toyworld.scenes import sample_scene
 
+# Levels measured on these samples with the shipped weights (docs/toyworld.md), minus a margin:
+# VAE 24.7 dB, inversion 26.4 dB, background 87.5%, colour 30%, InstructPix2Pix success 5/14.
+VAE_PSNR, INVERSION_PSNR = 24.0, 25.5
+T2I_BACKGROUND, T2I_COLOUR = 0.75, 0.2
+IP2P_SUCCESS = 0.28
+
 pytestmark = pytest.mark.skipif(not (WEIGHTS / "sd" / "model_index.json").exists(),
                                 reason=f"toy weights not exported to {WEIGHTS}")
 
@@ -56,7 +62,7 @@ def test_ddim_inversion_reconstruction(toy, scenes):
 
 def test_text_to_image(toy, scenes):
     accuracy = text_to_image_accuracy(toy[0], scenes)
-    assert accuracy["background"] >= T2I_BACKGROUND
+    assert accuracy["background"] >= T2I_BACKGROUND and accuracy["colour"] >= T2I_COLOUR
 
 
 def test_instructpix2pix_edits(toy):

@@ -104,10 +104,10 @@ def edit(
 @app.command()
 def bench(
     methods: Annotated[str, typer.Option(help="Comma-separated method names.")] = "sdedit,instructpix2pix",
-    dataset: Annotated[str, typer.Option(help="Dataset name.")] = "editeval-v1",
+    dataset: Annotated[str, typer.Option(help="editeval-v1 (the survey's benchmark; needs --data-dir) or editeval-toy (built offline, with ground truth).")] = "editeval-toy",
     data_dir: Annotated[Path | None, typer.Option(help="Dataset folder (default: $EDITEVAL_V1_DIR for editeval-v1).")] = None,
     prompts: Annotated[Path | None, typer.Option(help="Prompts spreadsheet, when it is not inside --data-dir.")] = None,
-    model: Annotated[str, typer.Option(help="Suite (sd15, sd21, sdxl, tiny), short name, local path or hub id.")] = "sd15",
+    model: Annotated[str, typer.Option(help="Suite (toy, sd15, sd21, sdxl, tiny), short name, local path or hub id; toy is shipped and runs offline.")] = "toy",
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/DATASET-MODEL); rerun to resume.")] = None,
     tasks: Annotated[str | None, typer.Option(help="Comma-separated task ids (default: all).")] = None,
     limit: Annotated[int | None, typer.Option(help="At most N samples (dataset order, after --tasks).")] = None,
