@@ -6,7 +6,8 @@
   PNDM scheduler configuration);
 - ``ip2p/``: ``StableDiffusionInstructPix2PixPipeline`` (the 8-channel UNet, Euler ancestral
   scheduler); its VAE, text encoder and tokenizer are symbolic links to ``sd/``'s;
-- ``clip/``: the full toy ``CLIPModel`` with a ``CLIPProcessor`` (for CLIP-based metrics).
+- ``clip/``: the full toy ``CLIPModel`` with a ``CLIPProcessor`` (for CLIP-based metrics); its
+  ``tokenizer.json`` is a link to ``sd/``'s.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def export(work: Path, out: Path = WEIGHTS) -> None:
                                          image_mean=[0.5] * 3, image_std=[0.5] * 3)
     clip.half().save_pretrained(out / "clip")
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out / "clip")
+    (out / "clip" / "tokenizer.json").unlink()  # the same file as sd's: link it
+    os.symlink(Path("..") / "sd" / "tokenizer" / "tokenizer.json", out / "clip" / "tokenizer.json")
     sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
              for p in out.iterdir()}
     (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
