@@ -27,6 +27,7 @@ from rich.progress import (
 
 from editeval import __version__
 from editeval.bench.store import ResultStore
+from editeval.diffusion.inversion_cache import InversionCache
 from editeval.core.api import edit
 from editeval.core.registry import get_method
 from editeval.core.types import EditRequest
@@ -143,11 +144,13 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchSumma
 
     with ResultStore(config.out) as store:
         store.check_config(config.identity())
+        inversions = InversionCache(store.run_dir / "inversions")  # shared by the run's methods
         with _progress(console) as progress:
             task = progress.add_task("editing", total=len(jobs), completed=summary.skipped)
             for number, job in enumerate(pending, start=summary.skipped + 1):
                 progress.update(task, description=f"{job.method} {job.sample.id}")
-                _run_job(job, pipes[cards[job.method].model_kind], config, store, summary)
+                _run_job(job, pipes[cards[job.method].model_kind], config, store, summary,
+                         inversions)
                 progress.advance(task)
                 if not console.is_terminal:  # a log file gets one line per job instead of a bar
                     elapsed = progress.tasks[0].elapsed or 0.0
@@ -160,7 +163,7 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchSumma
 
 
 def _run_job(job: Job, pipe: Any, config: BenchConfig, store: ResultStore,
-             summary: BenchSummary) -> None:
+             summary: BenchSummary, inversions: InversionCache) -> None:
     sample = job.sample
     keys = dict(job_id=job.job_id, method=job.method, sample_id=sample.id, task=sample.task,
                 seed=job.seed)
@@ -175,7 +178,7 @@ def _run_job(job: Job, pipe: Any, config: BenchConfig, store: ResultStore,
         params=config.params.get(job.method, {}),
     )
     try:
-        result = edit(request, job.method, pipe=pipe)
+        result = edit(request, job.method, pipe=pipe, inversion_cache=inversions)
     except Exception as err:  # recorded as a failed row with its message, then the run goes on
         message = f"{type(err).__name__}: {err}"
         if os.environ.get("EDITEVAL_TRACEBACKS"):

@@ -35,8 +35,8 @@ def model_resolution(pipe: Any) -> int:
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
-def prepare_inputs(request: EditRequest, resolution: int,
-                   needs: tuple[str, ...] = ()) -> tuple[EditInputs, Any]:
+def prepare_inputs(request: EditRequest, resolution: int, needs: tuple[str, ...] = (),
+                   inversion_cache: Any = None) -> tuple[EditInputs, Any]:
     """Load the request's images and bring them to ``resolution``; returns the inputs and the
     :class:`~editeval.data.images.Geometry` that maps results back to the source size.
 
@@ -58,6 +58,7 @@ def prepare_inputs(request: EditRequest, resolution: int,
         task=request.task,
         mask=mask,
         reference=reference,
+        inversion_cache=inversion_cache,
     )
     return inputs, geometry
 
@@ -70,6 +71,7 @@ def edit(
     model: str = "sd15",
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
+    inversion_cache: Any = None,
 ) -> EditResult:
     """Edit ``request.image`` with the registered ``method``.
 
@@ -80,6 +82,8 @@ def edit(
             when ``None`` (pass it to edit many images without reloading).
         model: suite name, short name, local path or hub id (see :func:`editeval.models.load_pipeline`).
         device, dtype: passed to ``load_pipeline`` when ``pipe`` is ``None``.
+        inversion_cache: an :class:`~editeval.diffusion.inversion_cache.InversionCache` to reuse
+            inversions across calls (the benchmark runner keeps one per run directory).
 
     Returns:
         An :class:`EditResult` with the edit at the source's size and at the model's, its NFE and time.
@@ -100,7 +104,7 @@ def edit(
         from editeval.models import load_pipeline
 
         pipe = load_pipeline(model, card.model_kind, device=device, dtype=dtype)
-    inputs, geometry = prepare_inputs(request, model_resolution(pipe), card.inputs)
+    inputs, geometry = prepare_inputs(request, model_resolution(pipe), card.inputs, inversion_cache)
     generator = torch.Generator("cpu").manual_seed(request.seed)
     with count_nfe(pipe.unet) as counter:
         start = time.perf_counter()

@@ -120,6 +120,8 @@ class EditInputs:
         task: EditEval task id or ``None``.
         mask: edit region, mode "L" with values 0/255 (255 = edit), same size as ``image``, or ``None``.
         reference: RGB reference image at the same size, or ``None``.
+        inversion_cache: an :class:`~editeval.diffusion.inversion_cache.InversionCache` shared by
+            the methods of a run, or ``None`` (inversions are then computed every time).
     """
 
     image: Image.Image
@@ -129,6 +131,7 @@ class EditInputs:
     task: str | None = None
     mask: Image.Image | None = None
     reference: Image.Image | None = None
+    inversion_cache: Any = None
 
 
 @dataclass

@@ -1,0 +1,150 @@
+"""A cache of inversions, shared by the methods of one benchmark run.
+
+Inverting a source image (DDIM inversion, null-text optimisation, EDICT's coupled inversion, ...)
+is often the dearest part of an edit, and several methods of one run invert the same image under the
+same prompt, model and scheduler. :class:`InversionCache` keys an inversion by everything it depends
+on (the image's pixels, the prompt, the model, the scheduler configuration, the number of steps, the
+guidance scale, the kind of inversion and its own options) and stores it in memory and, when given a
+directory, on disk (``<run dir>/inversions/<key>.pt``, written atomically), so a resumed run keeps it.
+
+A cache hit costs no UNet evaluation, so the NFE of an edit that reuses an inversion drops by the
+inversion's cost; methods report ``inversion_cached`` in their intermediates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+Value = dict[str, Any]  # tensors, lists of tensors and plain numbers
+
+
+def image_digest(image: Image.Image) -> str:
+    """sha256 of an image's mode, size and pixels (not of its file: re-encoding does not matter)."""
+    digest = hashlib.sha256(f"{image.mode}{image.size}".encode())
+    digest.update(np.asarray(image).tobytes())
+    return digest.hexdigest()
+
+
+def inversion_key(*, kind: str, image: Image.Image, prompt: str, pipe: Any, scheduler: Any,
+                  num_inference_steps: int, guidance_scale: float,
+                  options: Mapping[str, Any] | None = None) -> str:
+    """The cache key (hex sha256) of an inversion.
+
+    Args:
+        kind: the inversion's name (``ddim``, ``null-text``, ``edict``, ...).
+        image: the source at the model's resolution. prompt: the prompt it is inverted under.
+        pipe: the pipeline (its ``name_or_path`` and the UNet's class and config identify the model).
+        scheduler: the scheduler used (class name and config).
+        num_inference_steps, guidance_scale: as used by the inversion.
+        options: anything else the result depends on (JSON-serialisable).
+    """
+    record = {
+        "kind": kind,
+        "image": image_digest(image),
+        "prompt": prompt,
+        "model": str(getattr(pipe, "name_or_path", "")),
+        "unet": [type(pipe.unet).__name__, _jsonable(dict(pipe.unet.config))],
+        "dtype": str(pipe.unet.dtype),
+        "scheduler": [type(scheduler).__name__, _jsonable(dict(scheduler.config))],
+        "steps": int(num_inference_steps),
+        "guidance_scale": float(guidance_scale),
+        "options": _jsonable(dict(options or {})),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+class InversionCache:
+    """Inversions by key, in memory (the ``memory_items`` most recent) and optionally on disk.
+
+    Args:
+        directory: where to keep ``<key>.pt`` files; ``None`` keeps them in memory only.
+        memory_items: how many inversions to keep in memory.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None, memory_items: int = 8) -> None:
+        self.directory = None if directory is None else Path(directory)
+        self.memory_items = memory_items
+        self._memory: OrderedDict[str, Value] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get_or_compute(self, key: str, compute: Callable[[], Value]) -> tuple[Value, bool]:
+        """The inversion stored under ``key``, or ``compute()``'s result, stored; and whether it hit.
+
+        Tensors come back on the CPU when read from disk; methods move them to their device.
+        """
+        value = self._memory.get(key)
+        if value is None and self.directory is not None:
+            path = self.directory / f"{key}.pt"
+            if path.exists():
+                try:
+                    value = torch.load(path, map_location="cpu", weights_only=True)
+                except Exception:  # a damaged file (killed mid-write elsewhere) is recomputed
+                    value = None
+        if value is not None:
+            self.hits += 1
+            self._remember(key, value)
+            return value, True
+        self.misses += 1
+        value = compute()
+        self._remember(key, value)
+        if self.directory is not None:
+            self._save(key, value)
+        return value, False
+
+    def _remember(self, key: str, value: Value) -> None:
+        self._memory[key] = value
+        self._memory.move_to_end(key)
+        while len(self._memory) > self.memory_items:
+            self._memory.popitem(last=False)
+
+    def _save(self, key: str, value: Value) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        cpu = _to_cpu(value)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(cpu, tmp)
+            os.replace(tmp, self.directory / f"{key}.pt")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_cpu(v) for v in value]
+    return value
+
+
+def cached_inversion(cache: InversionCache | None, key: str,
+                     compute: Callable[[], Value]) -> tuple[Value, bool]:
+    """``cache.get_or_compute(key, compute)``, or ``compute()`` (never cached) when ``cache`` is None."""
+    if cache is None:
+        return compute(), False
+    return cache.get_or_compute(key, compute)
