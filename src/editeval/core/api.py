@@ -41,7 +41,8 @@ def prepare_inputs(request: EditRequest, resolution: int, needs: tuple[str, ...]
     :class:`~editeval.data.images.Geometry` that maps results back to the source size.
 
     The mask and the reference image are loaded only when ``needs`` names them (the method's
-    inputs): a method that ignores masks is never refused for an empty or full one.
+    required and optional inputs): a method that ignores masks is never refused for an empty or
+    full one.
     """
     image, geometry = fit_to_resolution(load_image(request.image), resolution)
     mask = None
@@ -104,7 +105,8 @@ def edit(
         from editeval.models import load_pipeline
 
         pipe = load_pipeline(model, card.model_kind, device=device, dtype=dtype)
-    inputs, geometry = prepare_inputs(request, model_resolution(pipe), card.inputs, inversion_cache)
+    inputs, geometry = prepare_inputs(request, model_resolution(pipe),
+                                      card.inputs + card.optional_inputs, inversion_cache)
     generator = torch.Generator("cpu").manual_seed(request.seed)
     with count_nfe(pipe.unet) as counter:
         start = time.perf_counter()

@@ -44,6 +44,8 @@ class MethodCard:
         subcategory: the survey's sub-category (an id of :data:`editeval.taxonomy.SUBCATEGORIES`),
             or ``None`` when the survey's paper list does not hold the paper (``note`` says so).
         inputs: request fields the method needs, from :data:`INPUTS`.
+        optional_inputs: request fields the method uses when given (a mask that switches on a
+            mask-guided variant, ...), from :data:`INPUTS`; never required.
         model_kind: the kind of checkpoint it runs on (``text-to-image``, ``instruction``, ...).
         tasks: EditEval tasks it is meant for.
         defaults: parameter defaults, from the paper.
@@ -64,6 +66,7 @@ class MethodCard:
     nfe_formula: str
     deviations: str = ""
     note: str = ""
+    optional_inputs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -71,9 +74,12 @@ class MethodCard:
         if self.subcategory is not None and SUBCATEGORIES[self.subcategory].strategy != self.strategy:
             raise ValueError(f"{self.name}: sub-category {self.subcategory!r} is not under "
                              f"{self.strategy!r}")
-        unknown = set(self.inputs) - set(INPUTS)
+        unknown = (set(self.inputs) | set(self.optional_inputs)) - set(INPUTS)
         if unknown:
             raise ValueError(f"{self.name}: unknown inputs {sorted(unknown)}; expected {INPUTS}")
+        both = set(self.inputs) & set(self.optional_inputs)
+        if both:
+            raise ValueError(f"{self.name}: inputs {sorted(both)} are both required and optional")
 
     def resolve_params(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
         """The card's defaults updated by ``overrides``, each cast to its default's type.
