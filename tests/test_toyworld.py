@@ -119,3 +119,37 @@ def test_editeval_toy_split(tmp_path):
     assert sample.target_image_path.exists() and sample.mask_path.exists()
     again = load_dataset("editeval-toy", tmp_path)  # loads the built split, same content
     assert [s.instruction for s in again.samples] == [s.instruction for s in dataset.samples]
+
+
+def test_judge_sample_against_ground_truth():
+    from PIL import Image
+
+    from editeval.toyworld.dataset import judge_sample
+
+    samples = load_dataset("editeval-toy").select(per_task=2)
+    assert [s.task for s in samples] == [t for t in TASKS for _ in range(2)]
+    for sample in samples:
+        perfect = judge_sample(sample, Image.open(sample.target_image_path))
+        unchanged = judge_sample(sample, Image.open(sample.image_path))
+        assert perfect.score.success, sample.id
+        assert not unchanged.score.success, sample.id
+        if sample.task == "style_change":  # the mask is the whole image
+            assert np.isnan(perfect.unedited_psnr_vs_target)
+        else:  # ground truth equals the source outside the mask
+            assert perfect.unedited_psnr_vs_target == unchanged.unedited_psnr_vs_target == np.inf
+
+
+def test_verify_table_for_one_method(tmp_path):
+    from editeval.toyworld.verify import markdown, verify
+
+    report = verify(["sdedit"], per_task=1, out=tmp_path / "run", model="tiny",
+                    params={"sdedit": {"num_inference_steps": 4}})
+    row = report["sdedit"]
+    assert row["n"] == 7 and row["failed"] == 0 and set(row["success"]) == set(TASKS)
+    assert row["nfe"] == 2 * int(4 * 0.5)
+    again = verify(["sdedit"], per_task=1, out=tmp_path / "run", model="tiny",
+                   params={"sdedit": {"num_inference_steps": 4}})
+    assert again == report  # resumed: nothing rerun, the same judgements
+    lines = markdown(report).splitlines()
+    assert lines[0].startswith("| method | paper | add | replace |") and len(lines) == 3
+    assert lines[2].startswith("| sdedit | ICLR 2022 |")

@@ -111,6 +111,7 @@ def bench(
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/DATASET-MODEL); rerun to resume.")] = None,
     tasks: Annotated[str | None, typer.Option(help="Comma-separated task ids (default: all).")] = None,
     limit: Annotated[int | None, typer.Option(help="At most N samples (dataset order, after --tasks).")] = None,
+    per_task: Annotated[int | None, typer.Option(help="At most N samples of each task (the first ones), before --limit.")] = None,
     seed: Annotated[list[int], typer.Option(help="Seed, repeatable: one job per (method, sample, seed).")] = [0],
     set_: Annotated[list[str], typer.Option("--set", help="Method parameter METHOD.NAME=VALUE, repeatable.")] = [],
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ...")] = None,
@@ -125,7 +126,7 @@ def bench(
     out = out or Path("runs") / f"{dataset}-{safe_model}"
     config = BenchConfig(dataset=dataset, methods=_split(methods), model=model, out=out,
                          data_dir=data_dir, prompts_file=prompts, tasks=_split(tasks),
-                         limit=limit, seeds=seed, params=_parse_params(set_, qualified=True),
+                         limit=limit, per_task=per_task, seeds=seed, params=_parse_params(set_, qualified=True),
                          device=device, dtype=dtype, retry_failed=retry_failed)
     with _clean_errors():
         try:

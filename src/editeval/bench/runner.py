@@ -62,6 +62,7 @@ class BenchConfig:
         methods: registry names. model: suite, short name, path or hub id.
         out: the run directory. tasks: restrict to these tasks (all when empty).
         limit: at most this many samples (in dataset order, after the task filter).
+        per_task: at most this many samples of each task (before ``limit``).
         seeds: one job per seed. params: per-method parameter overrides ({method: {name: value}}).
         device / dtype: passed to ``load_pipeline``. retry_failed: rerun jobs that failed before.
     """
@@ -74,6 +75,7 @@ class BenchConfig:
     prompts_file: Path | None = None
     tasks: list[str] = field(default_factory=list)
     limit: int | None = None
+    per_task: int | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     device: str | None = None
@@ -118,7 +120,7 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchSumma
     for name, card in cards.items():
         card.resolve_params(config.params.get(name, {}))  # unknown names fail before the run
     dataset = load_dataset(config.dataset, config.data_dir, config.prompts_file)
-    samples = dataset.select(config.tasks or None, config.limit)
+    samples = dataset.select(config.tasks or None, config.limit, config.per_task)
     jobs = plan_jobs(samples, config.methods, config.seeds)
     finished: set[str] = set()
     if (config.out / "results.sqlite").exists():

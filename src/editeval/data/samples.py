@@ -84,7 +84,8 @@ class Dataset:
         return [t for t in TASKS if t in present]
 
     def select(
-        self, tasks: Iterable[str] | None = None, limit: int | None = None
+        self, tasks: Iterable[str] | None = None, limit: int | None = None,
+        per_task: int | None = None,
     ) -> list[Sample]:
         """Return samples filtered by task and truncated.
 
@@ -93,10 +94,12 @@ class Dataset:
             limit: Maximum number of samples to return for the whole selection
                 (not per task), taken in dataset order after task filtering;
                 ``None`` returns all of them.
+            per_task: Keep at most this many samples of each task (the first
+                ones in dataset order), applied before ``limit``.
 
         Raises:
             DatasetError: If a task name is not one of :data:`TASKS`, or
-                ``limit`` is negative.
+                ``limit`` or ``per_task`` is negative.
         """
         chosen = self.samples
         if tasks is not None:
@@ -107,6 +110,16 @@ class Dataset:
                     f"unknown task(s) {', '.join(unknown)}; valid tasks are: {', '.join(TASKS)}"
                 )
             chosen = [s for s in chosen if s.task in wanted]
+        if per_task is not None:
+            if per_task < 0:
+                raise DatasetError(f"per_task must be >= 0, got {per_task}")
+            taken: dict[str, int] = {}
+            kept = []
+            for sample in chosen:
+                taken[sample.task] = taken.get(sample.task, 0) + 1
+                if taken[sample.task] <= per_task:
+                    kept.append(sample)
+            chosen = kept
         if limit is not None:
             if limit < 0:
                 raise DatasetError(f"limit must be >= 0, got {limit}")

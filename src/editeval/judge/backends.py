@@ -394,25 +394,15 @@ class OracleBackend:
     name = "oracle"
 
     async def judge(self, request: JudgeRequest, protocol: Protocol) -> JudgeAnswer:
-        import numpy as np
-
-        from editeval.toyworld.oracle import score_edit
-        from editeval.toyworld.scenes import Scene
+        from editeval.toyworld.dataset import judge_sample
 
         sample = request.sample
         if "target_scene" not in sample.extra:
             return JudgeAnswer("error", message=f"the oracle judges toy-world samples only; "
                                                 f"{sample.id} has no ground-truth scene")
-        source = np.asarray(load_image(sample.image_path))
-        mask = np.asarray(Image.open(sample.mask_path)) > 127
-        before = Scene.from_dict(json.loads(sample.extra["source_scene"]))
-        after = Scene.from_dict(json.loads(sample.extra["target_scene"]))
         scores = []
         for path in request.images:
-            output = load_image(path)
-            if output.size != (source.shape[1], source.shape[0]):
-                output = output.resize((source.shape[1], source.shape[0]), Image.Resampling.LANCZOS)
-            judged = score_edit(np.asarray(output), source, before, after, mask)
+            judged = judge_sample(sample, load_image(path)).score
             scores.append(ImageScores(judged.accuracy, judged.preservation, judged.quality,
                                       judged.realism))
         return JudgeAnswer("ok", scores, raw="oracle")

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from editeval.data.samples import TASKS, Dataset, DatasetError, Sample
+from editeval.toyworld.oracle import EditScore, psnr, score_edit
 from editeval.toyworld.pairs import sample_pair
+from editeval.toyworld.scenes import Scene
 
 SPLIT_VERSION = 1
 SPLIT_SEED = 20261129
@@ -82,3 +85,40 @@ def load_editeval_toy(root: str | os.PathLike | None = None) -> Dataset:
                    "target_scene": json.dumps(record["target_scene"])},
         ))
     return Dataset(name="editeval-toy", root=root, samples=samples)
+
+
+@dataclass
+class SampleJudgement:
+    """The oracle's verdict on one edit of a toy sample, against its ground truth.
+
+    Attributes:
+        score: :class:`~editeval.toyworld.oracle.EditScore` (success, the four 1-10 factors, and the
+            unedited-region PSNR against the *source*).
+        unedited_psnr_vs_target: PSNR in dB of the unedited region (mask = 0) against the
+            ground-truth target; ``nan`` when the mask covers the whole image (style change).
+    """
+
+    score: EditScore
+    unedited_psnr_vs_target: float
+
+
+def judge_sample(sample: Sample, output: Image.Image) -> SampleJudgement:
+    """Judge ``output`` (any size: resized to the source's with Lanczos) as an edit of ``sample``.
+
+    Raises:
+        DatasetError: ``sample`` is not a toy-world sample (it has no ground-truth scenes).
+    """
+    if "target_scene" not in sample.extra:
+        raise DatasetError(f"the oracle judges toy-world samples only; {sample.id} has no "
+                           "ground-truth scene")
+    source = np.asarray(Image.open(sample.image_path).convert("RGB"))
+    target = np.asarray(Image.open(sample.target_image_path).convert("RGB"))
+    mask = np.asarray(Image.open(sample.mask_path).convert("L")) > 127
+    output = output.convert("RGB")
+    if output.size != (source.shape[1], source.shape[0]):
+        output = output.resize((source.shape[1], source.shape[0]), Image.Resampling.LANCZOS)
+    edited = np.asarray(output)
+    score = score_edit(edited, source, Scene.from_dict(json.loads(sample.extra["source_scene"])),
+                       Scene.from_dict(json.loads(sample.extra["target_scene"])), mask)
+    unedited = psnr(edited, target, ~mask) if (~mask).any() else float("nan")
+    return SampleJudgement(score, unedited)

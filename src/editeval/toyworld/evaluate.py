@@ -82,11 +82,8 @@ def text_to_image_accuracy(pipe: Any, scenes: list, steps: int = 50, guidance_sc
 def instruction_edit_quality(pipe: Any, samples: list, steps: int = 50) -> dict[str, Any]:
     """InstructPix2Pix on toy samples: oracle success per task and unedited-region PSNR (dB)
     against the ground-truth target."""
-    import json
-
     from editeval.core import EditRequest, edit
-    from editeval.toyworld.oracle import score_edit
-    from editeval.toyworld.scenes import Scene
+    from editeval.toyworld.dataset import judge_sample
 
     success: dict[str, list[bool]] = defaultdict(list)
     unedited: list[float] = []
@@ -94,15 +91,10 @@ def instruction_edit_quality(pipe: Any, samples: list, steps: int = 50) -> dict[
         result = edit(EditRequest(sample.image_path, instruction=sample.instruction,
                                   params={"num_inference_steps": steps}),
                       "instructpix2pix", pipe=pipe)
-        output = np.asarray(result.image)
-        source = np.asarray(Image.open(sample.image_path).convert("RGB"))
-        target = np.asarray(Image.open(sample.target_image_path).convert("RGB"))
-        mask = np.asarray(Image.open(sample.mask_path)) > 127
-        score = score_edit(output, source, Scene.from_dict(json.loads(sample.extra["source_scene"])),
-                           Scene.from_dict(json.loads(sample.extra["target_scene"])), mask)
-        success[sample.task].append(score.success)
-        if (~mask).any():
-            unedited.append(psnr(output, target, ~mask))
+        judged = judge_sample(sample, result.image)
+        success[sample.task].append(judged.score.success)
+        if np.isfinite(judged.unedited_psnr_vs_target):
+            unedited.append(judged.unedited_psnr_vs_target)
     per_task = {task: float(np.mean(v)) for task, v in success.items()}
     return {"success_per_task": per_task, "success": float(np.mean(list(per_task.values()))),
             "unedited_psnr": float(np.mean(unedited))}
