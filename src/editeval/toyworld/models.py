@@ -55,7 +55,7 @@ def export(work: Path, out: Path = WEIGHTS) -> None:
         model.load_state_dict(torch.load(work / f"{name}.ckpt", weights_only=False)["model"])
         return model.eval()
 
-    vae = load(new_vae(), "vae")
+    vae = load(new_vae(), "vae_decoder" if (work / "vae_decoder.ckpt").exists() else "vae")
     vae.register_to_config(scaling_factor=latent_scale(work))
     clip = load(new_clip(), "clip")
     text_encoder = CLIPTextModel(clip.config.text_config)
