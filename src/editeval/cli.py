@@ -155,7 +155,7 @@ def bench(
 @app.command()
 def score(
     run_dir: Annotated[Path, typer.Argument(help="A run directory made by `editeval bench`.")],
-    judge: Annotated[str, typer.Option(help="oracle (toy runs), openai:MODEL (any OpenAI-compatible server) or local:MODEL (transformers).")] = "oracle",
+    judge: Annotated[str | None, typer.Option(help="LMM Score judge: oracle (toy runs), openai:MODEL (any OpenAI-compatible server) or local:MODEL (transformers). Default: oracle, unless only --metrics is given.")] = None,
     mode: Annotated[str, typer.Option(help="comparative (one conversation per source over all methods, the survey's protocol) or per-image.")] = "comparative",
     template: Annotated[Path | None, typer.Option(help="Your own prompt template ({task}, {instruction}, {n_images}).")] = None,
     base_url: Annotated[str | None, typer.Option(help="API root of an OpenAI-compatible server (default $OPENAI_BASE_URL or OpenAI).")] = None,
@@ -168,27 +168,65 @@ def score(
     max_side: Annotated[int, typer.Option(help="Images are downscaled to this longest side (px) before sending.")] = 512,
     timeout: Annotated[float, typer.Option(help="Seconds per HTTP request.")] = 120.0,
     structured: Annotated[bool, typer.Option(help="Also ask the server for JSON-schema structured output.")] = False,
+    metrics: Annotated[str | None, typer.Option(help="Classic metrics, comma-separated: clip_t, clip_t_edited, clip_i, clip_dir, lpips, psnr, ssim, mse, dino_struct, fid, kid; or 'default' (all but clip_t_edited). Stored per image; a rerun computes only what is missing.")] = None,
+    clip_model: Annotated[str | None, typer.Option(help="CLIP for clip_*: hub id, folder, toy (the toy world's CLIP) or tiny. Default openai/clip-vit-large-patch14; toy on toy-model runs.")] = None,
+    dino_model: Annotated[str | None, typer.Option(help="ViT for dino_struct: hub id, folder, toy (stand-in: the toy CLIP's image tower) or tiny. Default facebook/dino-vitb8; toy on toy-model runs.")] = None,
+    lpips_net: Annotated[str | None, typer.Option(help="LPIPS network: alex, vgg, squeeze (torchvision ImageNet weights) or alex-random (offline stand-in). Default alex; alex-random on toy-model runs.")] = None,
+    fid_model: Annotated[str | None, typer.Option(help="FID/KID features: inception (needs torch-fidelity) or a CLIP name (image embeddings). Default inception; toy on toy-model runs.")] = None,
 ) -> None:
-    """Judge a run's edits with LMM Score (the survey's four factors) and print the leaderboard."""
+    """Score a run's edits: LMM Score with --judge (the survey's four factors), classic metrics with
+    --metrics, or both; prints the leaderboard and the method x task metric tables."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
     from editeval.judge import Protocol, leaderboard, make_backend, score_run, to_markdown
+    from editeval.metrics import (DEFAULT_METRICS, metric_table, metrics_markdown, parse_metrics,
+                                  score_metrics)
 
     with _clean_errors():
-        protocol = Protocol.from_file(template, mode) if template else Protocol(mode=mode)
-        backend = make_backend(judge, run_dir, base_url=base_url, api_key_env=api_key_env,
-                               budget=budget, temperature=temperature, seed=seed,
-                               max_side=max_side, timeout=timeout, structured=structured)
-        try:
-            summary = score_run(run_dir, backend, protocol, concurrency=concurrency,
-                                repeats=repeats, seed=seed, console=errors)
-        except FileNotFoundError as err:
-            raise ValueError(str(err)) from None
-        statuses = ", ".join(f"{n} {s}" for s, n in sorted(summary.statuses.items())) or "none"
-        errors.print(f"{summary.requests} requests sent; items judged now: {statuses}; "
-                     f"{summary.skipped_items} judged before")
-        if summary.budget_exhausted:
-            errors.print(f"[yellow]request budget of {budget} spent: rerun to continue")
-        table, identity = leaderboard(run_dir, backend.name)
-    console.print(to_markdown(table, identity), markup=False, highlight=False)
+        wanted = None if metrics is None else (
+            list(DEFAULT_METRICS) if metrics == "default" else parse_metrics(metrics))
+        judge = judge or (None if wanted else "oracle")
+        if judge is not None:
+            protocol = Protocol.from_file(template, mode) if template else Protocol(mode=mode)
+            backend = make_backend(judge, run_dir, base_url=base_url, api_key_env=api_key_env,
+                                   budget=budget, temperature=temperature, seed=seed,
+                                   max_side=max_side, timeout=timeout, structured=structured)
+            try:
+                summary = score_run(run_dir, backend, protocol, concurrency=concurrency,
+                                    repeats=repeats, seed=seed, console=errors)
+            except FileNotFoundError as err:
+                raise ValueError(str(err)) from None
+            statuses = ", ".join(f"{n} {s}" for s, n in sorted(summary.statuses.items())) or "none"
+            errors.print(f"{summary.requests} requests sent; items judged now: {statuses}; "
+                         f"{summary.skipped_items} judged before")
+            if summary.budget_exhausted:
+                errors.print(f"[yellow]request budget of {budget} spent: rerun to continue")
+            table, identity = leaderboard(run_dir, backend.name)
+            console.print(to_markdown(table, identity), markup=False, highlight=False)
+        if wanted:
+            progress = Progress(TextColumn("[bold]metrics"), BarColumn(), MofNCompleteColumn(),
+                                console=errors)
+            with progress:
+                task = progress.add_task("metrics", total=None)
+                try:
+                    done = score_metrics(
+                        run_dir, wanted, clip_model=clip_model, dino_model=dino_model,
+                        lpips_net=lpips_net, fid_model=fid_model,
+                        progress=lambda n, total: progress.update(task, completed=n, total=total))
+                except FileNotFoundError as err:
+                    raise ValueError(str(err)) from None
+            errors.print("metric values computed now: " + (", ".join(
+                f"{m} {n}" for m, n in done.computed.items()) or "none") + "; stored before: "
+                + (", ".join(f"{m} {n}" for m, n in done.skipped.items()) or "none"))
+            errors.print("backbones: " + ", ".join(f"{m}={b}" for m, b in done.backbones.items()),
+                         highlight=False)
+            per_image, sets = metric_table(run_dir)
+            chosen = set(done.backbones.items())  # this call's (metric, backbone) pairs only
+            per_image = per_image[[k in chosen for k in zip(per_image["metric"],
+                                                            per_image["backbone"])]]
+            if not sets.empty:
+                sets = sets[[k in chosen for k in zip(sets["metric"], sets["backbone"])]]
+            console.print(metrics_markdown(per_image, sets), markup=False, highlight=False)
 
 
 @app.command(name="leaderboard")

@@ -6,6 +6,10 @@ Layout of a run directory::
     RUN_DIR/results.sqlite       one row per job: done (with NFE, time, image) or failed (with error)
     RUN_DIR/images/METHOD/TASK/N_seedS.png
 
+``results.sqlite`` also holds ``judge_scores`` (LMM Score judgements), ``metric_scores`` (one value of
+one classic metric by one backbone per job, NULL for NaN) and ``metric_set_scores`` (FID and KID per
+method and task), filled by ``editeval score``.
+
 A row is written only after its image is in place (written to a temporary name, then renamed), in
 one transaction, so a run killed at any moment leaves either a complete job or no trace of it, and
 the job id is the primary key, so nothing is ever duplicated.
@@ -17,7 +21,7 @@ import json
 import os
 import sqlite3
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -66,6 +70,34 @@ CREATE TABLE IF NOT EXISTS judge_scores (
 )
 """
 
+METRIC_SCHEMA = """
+CREATE TABLE IF NOT EXISTS metric_scores (
+    job_id     TEXT NOT NULL,
+    metric     TEXT NOT NULL,
+    backbone   TEXT NOT NULL,
+    region     TEXT NOT NULL,
+    value      REAL,
+    note       TEXT,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (job_id, metric, backbone)
+)
+"""
+
+METRIC_SET_SCHEMA = """
+CREATE TABLE IF NOT EXISTS metric_set_scores (
+    method      TEXT NOT NULL,
+    task        TEXT NOT NULL,
+    metric      TEXT NOT NULL,
+    backbone    TEXT NOT NULL,
+    n           INTEGER NOT NULL,
+    value       REAL,
+    std         REAL,
+    jobs_digest TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    PRIMARY KEY (method, task, metric, backbone)
+)
+"""
+
 # What must match for a run directory to be resumed with another command line.
 IDENTITY_KEYS = ("dataset", "model", "params")
 
@@ -104,6 +136,8 @@ class ResultStore:
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: safe against process crashes
         self._db.execute(SCHEMA)
         self._db.execute(JUDGE_SCHEMA)
+        self._db.execute(METRIC_SCHEMA)
+        self._db.execute(METRIC_SET_SCHEMA)
 
     def close(self) -> None:
         self._db.close()
@@ -205,6 +239,56 @@ class ResultStore:
         cursor = self._db.execute(
             "SELECT j.*, r.method, r.task, r.sample_id, r.seed FROM judge_scores j "
             "JOIN results r ON r.job_id = j.job_id ORDER BY j.job_id, j.repeat")
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor]
+
+    def metric_computed(self, metric: str, backbone: str) -> set[str]:
+        """Ids of jobs that hold a value (a number or NaN) of ``metric`` by ``backbone``."""
+        rows = self._db.execute("SELECT job_id FROM metric_scores WHERE metric=? AND backbone=?",
+                                (metric, backbone))
+        return {job_id for (job_id,) in rows}
+
+    def record_metric_values(self, values: Iterable[tuple[str, str, str, str, float, str | None]]
+                             ) -> None:
+        """Store (job id, metric, backbone, region, value, note) rows in one transaction; a NaN
+        value is stored as NULL (SQLite has no NaN) and read back as NaN."""
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO metric_scores VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(job, metric, backbone, region, None if value != value else float(value), note,
+                  now) for job, metric, backbone, region, value, note in values])
+
+    def metric_values(self) -> list[dict[str, Any]]:
+        """All per-image metric values joined with their jobs' method, task, sample and seed."""
+        cursor = self._db.execute(
+            "SELECT m.*, r.method, r.task, r.sample_id, r.seed FROM metric_scores m "
+            "JOIN results r ON r.job_id = m.job_id ORDER BY m.metric, m.job_id")
+        names = [d[0] for d in cursor.description]
+        rows = [dict(zip(names, row)) for row in cursor]
+        for row in rows:
+            row["value"] = float("nan") if row["value"] is None else row["value"]
+        return rows
+
+    def set_metric_digest(self, method: str, task: str, metric: str, backbone: str) -> str | None:
+        """The digest of the jobs a stored set metric was computed over, or None."""
+        row = self._db.execute(
+            "SELECT jobs_digest FROM metric_set_scores WHERE method=? AND task=? AND metric=? AND "
+            "backbone=?", (method, task, metric, backbone)).fetchone()
+        return row[0] if row else None
+
+    def record_set_metric(self, *, method: str, task: str, metric: str, backbone: str, n: int,
+                          value: float, std: float | None, jobs_digest: str) -> None:
+        """Store a set metric (FID, KID) of ``n`` edits of ``method`` on ``task`` (or ``all``)."""
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self._db.execute(
+            "INSERT OR REPLACE INTO metric_set_scores VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (method, task, metric, backbone, n, value, std, jobs_digest, now))
+
+    def set_metric_values(self) -> list[dict[str, Any]]:
+        """All stored set metrics."""
+        cursor = self._db.execute("SELECT * FROM metric_set_scores ORDER BY metric, method, task")
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor]
 
