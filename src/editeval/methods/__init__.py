@@ -4,6 +4,7 @@ Importing this package registers them (see :mod:`editeval.core.registry`).
 """
 
 from editeval.methods.training_based import instructpix2pix  # noqa: F401
+from editeval.methods.training_free import masactrl, pnp  # noqa: F401
 from editeval.methods.training_free import aidi  # noqa: F401
 from editeval.methods.training_free import ddpm_inversion  # noqa: F401
 from editeval.methods.training_free import edict  # noqa: F401
