@@ -145,8 +145,8 @@ class MutualSelfAttention(AttentionController):
     def edit_probs(self, probs: torch.Tensor, call: AttentionCall) -> torch.Tensor:
         if self.mask is None:
             return probs
-        inside = F.interpolate(self.mask[None, None].float(), size=(call.height, call.width),
-                               mode="nearest").flatten().bool()
+        inside = F.interpolate(self.mask[None, None].to(probs.device, torch.float32),
+                               size=(call.height, call.width), mode="nearest").flatten().bool()
         if inside.all() or not inside.any():
             return probs
         allowed = (inside[:, None] == inside[None, :]).to(torch.float32)  # (queries, keys)
