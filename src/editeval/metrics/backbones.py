@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from editeval.metrics.regions import chw
+
 CLIP_DEFAULT = "openai/clip-vit-large-patch14"
 DINO_DEFAULT = "facebook/dino-vitb8"
 LPIPS_DEFAULT = "alex"
@@ -140,7 +142,7 @@ class ClipBackbone:
     def image_embeddings(self, images: list[np.ndarray]) -> torch.Tensor:
         """Embeddings (float32 ``[N, D]``, not normalised) of uint8 ``H x W x 3`` images, through the
         same processor call as torchmetrics' CLIPScore."""
-        tensors = [torch.from_numpy(np.ascontiguousarray(i)).permute(2, 0, 1) for i in images]
+        tensors = [chw(image) for image in images]
         pixels = self.processor(images=tensors, return_tensors="pt", padding=True)["pixel_values"]
         return self.model.get_image_features(pixels.to(self.model.model.dtype)).float()
 

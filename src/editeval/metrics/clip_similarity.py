@@ -29,6 +29,7 @@ import torch
 from torchmetrics.functional.multimodal import clip_score as torchmetrics_clip_score
 
 from editeval.metrics.backbones import ClipBackbone
+from editeval.metrics.regions import chw
 
 
 @torch.no_grad()
@@ -39,8 +40,7 @@ def clip_score(backbone: ClipBackbone, images: list[np.ndarray], captions: list[
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     source = backbone.torchmetrics_source()
     return np.array([
-        float(torchmetrics_clip_score(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
-                                      caption, model_name_or_path=source))
+        float(torchmetrics_clip_score(chw(image), caption, model_name_or_path=source))
         for image, caption in zip(images, captions)])
 
 

@@ -25,6 +25,8 @@ Feature extractors (``--fid-model``):
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import nn
@@ -117,8 +119,10 @@ def kid(extractor: FeatureExtractor, sources: list[np.ndarray],
 
     size = min(KID_SUBSET_SIZE, len(sources), len(edits))
     try:
-        metric = KernelInceptionDistance(feature=extractor.feature, subsets=KID_SUBSETS,
-                                         subset_size=max(size, 1))
+        with warnings.catch_warnings():  # it keeps every feature: fine for the sets scored here
+            warnings.filterwarnings("ignore", message=".*will save all extracted features")
+            metric = KernelInceptionDistance(feature=extractor.feature, subsets=KID_SUBSETS,
+                                             subset_size=max(size, 1))
     except (OSError, RuntimeError) as err:
         raise _metric_errors(err) from None
     _fill(metric, sources, edits)

@@ -29,7 +29,7 @@ REGIONS = (WHOLE, UNEDITED, EDITED)
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """The image at ``path`` as uint8 ``H x W x 3`` (any format :func:`load_image` reads)."""
-    return np.asarray(load_image(path))
+    return np.array(load_image(path))
 
 
 def read_mask(path: str | os.PathLike | None, size: tuple[int, int]) -> np.ndarray | None:
@@ -76,6 +76,12 @@ def to_unit(images: list[np.ndarray] | np.ndarray, dtype: torch.dtype = torch.fl
                              f"{image.shape}; load images with editeval.metrics.regions.read_rgb")
     stacked = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
     return stacked.to(dtype) / 255.0
+
+
+def chw(image: np.ndarray) -> torch.Tensor:
+    """A uint8 ``H x W x 3`` image as a new uint8 tensor ``[3, H, W]`` (what CLIP and ViT image
+    processors take; they rescale 0..255 to [0, 1] themselves)."""
+    return torch.tensor(np.asarray(image)).permute(2, 0, 1)
 
 
 def to_uint8_chw(images: list[np.ndarray]) -> torch.Tensor:

@@ -141,7 +141,7 @@ def _load_pair(run_dir: Path, row: Any, sample: Any) -> tuple[np.ndarray, np.nda
     size = (source.shape[1], source.shape[0])
     if edit_image.size != size:
         edit_image = edit_image.resize(size, Image.Resampling.LANCZOS)
-    return source, np.asarray(edit_image), regions.read_mask(sample.mask_path, size)
+    return source, np.array(edit_image), regions.read_mask(sample.mask_path, size)
 
 
 _NO_UNEDITED = "the mask covers the whole image: no unedited region"
@@ -315,12 +315,14 @@ def metric_table(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         for (method, task, metric, backbone), group in everything.groupby(
                 ["method", "task", "metric", "backbone"]):
             values = group["value"].to_numpy(dtype=float)
-            finite = values[~np.isnan(values)]
+            finite = values[~np.isnan(values)]  # inf (identical regions: PSNR) is kept
+            with np.errstate(invalid="ignore"):  # the std of values with an inf is NaN
+                std = float(finite.std()) if finite.size else float("nan")
             rows.append({
                 "method": method, "task": task, "metric": metric, "backbone": backbone,
                 "region": "/".join(sorted(set(group["region"]))),
                 "mean": float(finite.mean()) if finite.size else float("nan"),
-                "std": float(finite.std()) if finite.size else float("nan"),
+                "std": std,
                 "n": int(finite.size), "nan": int(np.isnan(values).sum()),
             })
     per_image = pd.DataFrame(rows, columns=["method", "task", "metric", "backbone", "region",

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from editeval.metrics.backbones import load_pretrained, resolve_vision_checkpoint
+from editeval.metrics.regions import chw
 
 
 @dataclass
@@ -44,7 +45,7 @@ class StructureBackbone:
         captured: list[torch.Tensor] = []
         hook = self.keys.register_forward_hook(lambda _m, _i, output: captured.append(output))
         try:
-            tensors = [torch.from_numpy(np.ascontiguousarray(i)).permute(2, 0, 1) for i in images]
+            tensors = [chw(image) for image in images]
             pixels = self.processor(images=tensors, return_tensors="pt")["pixel_values"]
             self.vit(pixel_values=pixels.to(next(self.vit.parameters()).dtype))
         finally:
