@@ -7,9 +7,11 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from scipy import stats
 from typer.testing import CliRunner
 
 from editeval.bench.store import ResultStore
@@ -321,3 +323,41 @@ def test_score_command_prints_the_method_by_task_table(toy_run):
     assert bad.exit_code == 2 and "unknown metric(s) bleu" in bad.output
     config = json.loads((toy_run / "config.json").read_text())
     assert config["model"] == "tiny"
+
+
+# --- correlation with the toy world's ground truth -------------------------------------------------
+
+def test_correlation_table_on_constructed_values():
+    from editeval.metrics.correlation import correlation_table
+
+    success = np.array([0, 0, 1, 1, 1, 0], float)
+    psnr_truth = np.array([10, 12, 30, 31, 29, np.nan])
+    edits = pd.DataFrame({
+        "success": success, "edited_correct": success, "unedited_psnr": psnr_truth,
+        "oracle_s_all": np.nan,
+        "psnr@pixels": [9.0, 13, 31, 30, 28, 5],  # follows the truth but for one swap
+        "lpips@x": [0.9, 0.8, 0.1, 0.2, 0.3, np.nan],  # lower is better
+    })
+    table = correlation_table(edits, ("success", "unedited_psnr")).set_index(
+        ["metric", "truth"])
+    assert table.loc[("psnr", "success"), "auc"] == 1.0
+    assert table.loc[("lpips", "success"), "auc"] == 1.0  # oriented: low LPIPS = success
+    assert table.loc[("lpips", "success"), "n"] == 5  # the NaN pair is dropped
+    assert table.loc[("psnr", "unedited_psnr"), "spearman"] == pytest.approx(0.9)  # 1 - 6*2/120
+    expected = stats.pearsonr([9.0, 13, 31, 30, 28], [10, 12, 30, 31, 29]).statistic
+    assert table.loc[("psnr", "unedited_psnr"), "pearson"] == pytest.approx(expected)
+    assert table.loc[("lpips", "success"), "pearson"] < -0.9
+
+
+def test_edit_table_joins_ground_truth_and_metrics(toy_run):
+    from editeval.metrics.correlation import edit_table
+
+    score_metrics(toy_run, ["psnr"])
+    edits = edit_table([toy_run]).set_index("job_id")
+    assert len(edits) == 6 and set(edits["setting"]) == {"run:truth", "run:blurred"}
+    truth = edits[edits["setting"] == "run:truth"]
+    assert (truth["success"] == 1.0).all()  # the ground-truth target is a successful edit
+    assert truth.loc["truth/object_addition/1/seed0", "unedited_psnr"] == math.inf
+    assert np.isnan(truth.loc["truth/style_change/1/seed0", "unedited_psnr"])  # full mask
+    assert truth["oracle_s_all"].isna().all()  # not judged
+    assert edits.loc["blurred/texture_change/2/seed0", "psnr@pixels"] < 40

@@ -124,7 +124,12 @@ class _Backbones:
         return self._loaded[kind]
 
 
-def _run_samples(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_samples(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run directory's ``config.json`` and its dataset's samples by id.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a run directory.
+    """
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json); run "
                                 "`editeval bench ... --out RUN_DIR` first")
@@ -223,7 +228,7 @@ def score_metrics(run_dir: str | Path, metrics: list[str] | tuple[str, ...] = DE
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
-    config, samples = _run_samples(run_dir)
+    config, samples = run_samples(run_dir)
     names = default_backbones(config.get("model"))
     for kind, given in (("clip", clip_model), ("dino", dino_model), ("lpips", lpips_net),
                         ("fid", fid_model)):

@@ -1,0 +1,166 @@
+"""How well each classic metric predicts the toy world's ground truth.
+
+For every edit of one or more scored toy-world runs (``editeval score RUN --metrics ...``), the
+oracle gives the ground truth (:func:`editeval.toyworld.dataset.judge_sample`):
+
+- ``success``: every edited attribute (those that differ between the source and the target scene)
+  holds in the edit (1) or not (0);
+- ``edited_correct``: the share of edited attributes that hold, 0..1;
+- ``unedited_psnr``: PSNR (dB) of the unedited region (mask = 0) of the edit against the
+  ground-truth *target* (NaN for full masks: style changes);
+- ``oracle_s_all``: the oracle judge's S_all (1..10) where the run was judged with
+  ``editeval score RUN --judge oracle``.
+
+:func:`correlation_table` then gives, per metric and ground-truth measure, over all edits pooled
+(pairs with a NaN or infinite value dropped, ``n`` says how many are left): Pearson's r, Spearman's
+rho, and for ``success`` the ROC AUC of the metric oriented so that higher means "better" for it
+(0.5: no better than chance; 1: separates successes from failures perfectly). Set metrics (FID,
+KID) exist per (run, method, task) only; :func:`group_table` correlates them, and the per-image
+metrics' group means, with each group's success rate and mean unedited PSNR.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy import stats
+
+from editeval.bench.store import ResultStore
+from editeval.metrics.scoring import ALL_TASKS, HIGHER_IS_BETTER, METRICS, run_samples
+
+TRUTHS = ("success", "edited_correct", "unedited_psnr", "oracle_s_all")
+
+
+def _setting(run_dir: Path, method: str) -> str:
+    return f"{run_dir.name}:{method}"
+
+
+def edit_table(run_dirs: list[str | Path]) -> pd.DataFrame:
+    """One row per finished edit of the runs: setting (``RUN_NAME:method``), job id, task, the
+    ground truth (:data:`TRUTHS`) and one column per ``metric@backbone`` stored in the runs.
+
+    Raises:
+        ValueError: a run is not of the toy world (no ground truth).
+    """
+    from editeval.toyworld.dataset import judge_sample
+
+    frames = []
+    for run_dir in map(Path, run_dirs):
+        _, samples = run_samples(run_dir)
+        with ResultStore(run_dir) as store:
+            rows = [r for r in store.rows() if r.status == "done"]
+            metrics = pd.DataFrame(store.metric_values())
+            judged = pd.DataFrame(store.judgements())
+        records = []
+        for row in rows:
+            sample = samples[row.sample_id]
+            if "target_scene" not in sample.extra:
+                raise ValueError(f"{run_dir} is not a toy-world run: {sample.id} has no ground "
+                                 "truth; correlations need editeval-toy runs")
+            truth = judge_sample(sample, Image.open(run_dir / row.image_path))
+            records.append({"setting": _setting(run_dir, row.method), "job_id": row.job_id,
+                            "task": row.task, "success": float(truth.score.success),
+                            "edited_correct": truth.score.edited_correct,
+                            "unedited_psnr": truth.unedited_psnr_vs_target})
+        frame = pd.DataFrame(records)
+        oracle = judged[(judged["judge"] == "oracle") & (judged["status"] == "ok")] \
+            if not judged.empty else judged
+        s_all = oracle.groupby("job_id")["s_all"].mean() if not oracle.empty else pd.Series()
+        frame["oracle_s_all"] = frame["job_id"].map(s_all).astype(float)
+        if not metrics.empty:
+            wide = metrics.assign(column=metrics["metric"] + "@" + metrics["backbone"]).pivot(
+                index="job_id", columns="column", values="value")
+            frame = frame.join(wide, on="job_id")
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _metric_columns(frame: pd.DataFrame) -> list[str]:
+    columns = [c for c in frame.columns if "@" in c]
+    return sorted(columns, key=lambda c: (METRICS.index(c.split("@")[0]), c))
+
+
+def _finite_pairs(x: pd.Series, y: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    x, y = x.to_numpy(dtype=float), y.to_numpy(dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    return x[keep], y[keep]
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC of ``scores`` for binary ``labels`` (Mann-Whitney U / (n1 n0), ties count half)."""
+    positives, negatives = scores[labels == 1], scores[labels == 0]
+    if not len(positives) or not len(negatives):
+        return float("nan")
+    u = stats.mannwhitneyu(positives, negatives, alternative="two-sided").statistic
+    return float(u / (len(positives) * len(negatives)))
+
+
+def correlation_table(edits: pd.DataFrame, truths: tuple[str, ...] = TRUTHS) -> pd.DataFrame:
+    """Per metric column and ground-truth measure: n, Pearson r, Spearman rho (and, for
+    ``success``, the oriented ROC AUC), over all edits pooled; see the module docstring."""
+    rows = []
+    for column in _metric_columns(edits):
+        metric, backbone = column.split("@", 1)
+        for truth in truths:
+            x, y = _finite_pairs(edits[column], edits[truth])
+            row = {"metric": metric, "backbone": backbone, "truth": truth, "n": len(x),
+                   "pearson": float("nan"), "spearman": float("nan"), "auc": float("nan")}
+            if len(x) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
+                row["pearson"] = float(stats.pearsonr(x, y).statistic)
+                row["spearman"] = float(stats.spearmanr(x, y).statistic)
+                if truth == "success":
+                    row["auc"] = _auc(x if HIGHER_IS_BETTER[metric] else -x, y)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def group_table(run_dirs: list[str | Path], edits: pd.DataFrame) -> pd.DataFrame:
+    """Per (setting, task) group: FID/KID and per-image metric means against the group's success
+    rate and mean unedited PSNR; Pearson and Spearman over groups (``n`` groups)."""
+    groups = edits.groupby(["setting", "task"])
+    means = groups[["success", "unedited_psnr"] + _metric_columns(edits)].mean()
+    for run_dir in map(Path, run_dirs):
+        with ResultStore(run_dir) as store:
+            for row in store.set_metric_values():
+                if row["task"] == ALL_TASKS:
+                    continue
+                key = (_setting(run_dir, row["method"]), row["task"])
+                column = f"{row['metric']}@{row['backbone']}"
+                means.loc[key, column] = np.nan if row["value"] is None else row["value"]
+    means = means.reset_index()
+    rows = []
+    for column in _metric_columns(means):
+        metric, backbone = column.split("@", 1)
+        for truth in ("success", "unedited_psnr"):
+            x, y = _finite_pairs(means[column], means[truth])
+            ok = len(x) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0
+            rows.append({"metric": metric, "backbone": backbone, "truth": f"group {truth}",
+                         "n": len(x),
+                         "pearson": float(stats.pearsonr(x, y).statistic) if ok else np.nan,
+                         "spearman": float(stats.spearmanr(x, y).statistic) if ok else np.nan})
+    return pd.DataFrame(rows)
+
+
+def _fmt(value: float) -> str:
+    return "-" if value != value else f"{value:+.2f}"
+
+
+def to_markdown(table: pd.DataFrame, truths: list[str], with_auc: bool = True) -> str:
+    """One row per metric and backbone; per truth measure ``r / rho`` (and the success AUC)."""
+    header = "| metric | backbone | better | " + " | ".join(
+        f"{t}: r / rho (n)" for t in truths) + (" | success AUC |" if with_auc else " |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for (metric, backbone), rows in table.groupby(["metric", "backbone"], sort=False):
+        by_truth = rows.set_index("truth")
+        cells = []
+        for truth in truths:
+            row = by_truth.loc[truth]
+            cells.append(f"{_fmt(row['pearson'])} / {_fmt(row['spearman'])} ({row['n']})")
+        auc = by_truth.loc["success", "auc"] if with_auc else None
+        better = "higher" if HIGHER_IS_BETTER[metric] else "lower"
+        lines.append(f"| {metric} | `{backbone}` | {better} | " + " | ".join(cells)
+                     + (f" | {'-' if auc != auc else f'{auc:.2f}'} |" if with_auc else " |"))
+    return "\n".join(lines)
