@@ -321,6 +321,10 @@ def test_score_command_prints_the_method_by_task_table(toy_run):
     assert "computed now: none" in again.output
     bad = CliRunner().invoke(app, ["score", str(toy_run), "--metrics", "psnr,bleu"])
     assert bad.exit_code == 2 and "unknown metric(s) bleu" in bad.output
+    both = CliRunner().invoke(app, ["score", str(toy_run), "--judge", "oracle", "--metrics",
+                                    "ssim"])
+    assert both.exit_code == 0, both.output
+    assert "# Leaderboard" in both.output and "### ssim (higher is better" in both.output
     config = json.loads((toy_run / "config.json").read_text())
     assert config["model"] == "tiny"
 
