@@ -1,0 +1,1 @@
+"""Test-time finetuning methods (the survey's second learning strategy)."""
