@@ -337,7 +337,7 @@ def test_correlation_table_on_constructed_values():
     success = np.array([0, 0, 1, 1, 1, 0], float)
     psnr_truth = np.array([10, 12, 30, 31, 29, np.nan])
     edits = pd.DataFrame({
-        "success": success, "edited_correct": success, "unedited_psnr": psnr_truth,
+        "task": ["a", "a", "a", "b", "b", "b"], "success": success, "edited_correct": success, "unedited_psnr": psnr_truth,
         "oracle_s_all": np.nan,
         "psnr@pixels": [9.0, 13, 31, 30, 28, 5],  # follows the truth but for one swap
         "lpips@x": [0.9, 0.8, 0.1, 0.2, 0.3, np.nan],  # lower is better
@@ -351,6 +351,8 @@ def test_correlation_table_on_constructed_values():
     expected = stats.pearsonr([9.0, 13, 31, 30, 28], [10, 12, 30, 31, 29]).statistic
     assert table.loc[("psnr", "unedited_psnr"), "pearson"] == pytest.approx(expected)
     assert table.loc[("lpips", "success"), "pearson"] < -0.9
+    # within task a the order is exact; task b has only 2 finite pairs and is left out
+    assert table.loc[("psnr", "unedited_psnr"), "spearman_within_task"] == pytest.approx(1.0)
 
 
 def test_edit_table_joins_ground_truth_and_metrics(toy_run):

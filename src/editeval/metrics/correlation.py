@@ -13,8 +13,10 @@ oracle gives the ground truth (:func:`editeval.toyworld.dataset.judge_sample`):
 
 :func:`correlation_table` then gives, per metric and ground-truth measure, over all edits pooled
 (pairs with a NaN or infinite value dropped, ``n`` says how many are left): Pearson's r, Spearman's
-rho, and for ``success`` the ROC AUC of the metric oriented so that higher means "better" for it
-(0.5: no better than chance; 1: separates successes from failures perfectly). Set metrics (FID,
+rho, for ``success`` the ROC AUC of the metric oriented so that higher means "better" for it
+(0.5: no better than chance; 1: separates successes from failures perfectly), and the mean over
+tasks of the Spearman rho within each task (``spearman_within_task``: tasks differ in mask size,
+which moves region metrics by itself). Set metrics (FID,
 KID) exist per (run, method, task) only; :func:`group_table` correlates them, and the per-image
 metrics' group means, with each group's success rate and mean unedited PSNR.
 """
@@ -89,6 +91,11 @@ def _finite_pairs(x: pd.Series, y: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return x[keep], y[keep]
 
 
+def _varies(x: np.ndarray, y: np.ndarray) -> bool:
+    """At least 3 pairs, and neither side constant (a correlation is defined)."""
+    return len(x) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0
+
+
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC of ``scores`` for binary ``labels`` (Mann-Whitney U / (n1 n0), ties count half)."""
     positives, negatives = scores[labels == 1], scores[labels == 0]
@@ -107,12 +114,18 @@ def correlation_table(edits: pd.DataFrame, truths: tuple[str, ...] = TRUTHS) -> 
         for truth in truths:
             x, y = _finite_pairs(edits[column], edits[truth])
             row = {"metric": metric, "backbone": backbone, "truth": truth, "n": len(x),
-                   "pearson": float("nan"), "spearman": float("nan"), "auc": float("nan")}
-            if len(x) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
+                   "pearson": float("nan"), "spearman": float("nan"), "auc": float("nan"),
+                   "spearman_within_task": float("nan")}
+            if _varies(x, y):
                 row["pearson"] = float(stats.pearsonr(x, y).statistic)
                 row["spearman"] = float(stats.spearmanr(x, y).statistic)
                 if truth == "success":
                     row["auc"] = _auc(x if HIGHER_IS_BETTER[metric] else -x, y)
+            within = [stats.spearmanr(*pair).statistic for pair in (
+                _finite_pairs(group[column], group[truth]) for _, group in edits.groupby("task"))
+                if _varies(*pair)]
+            if within:
+                row["spearman_within_task"] = float(np.mean(within))
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -136,7 +149,7 @@ def group_table(run_dirs: list[str | Path], edits: pd.DataFrame) -> pd.DataFrame
         metric, backbone = column.split("@", 1)
         for truth in ("success", "unedited_psnr"):
             x, y = _finite_pairs(means[column], means[truth])
-            ok = len(x) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0
+            ok = _varies(x, y)
             rows.append({"metric": metric, "backbone": backbone, "truth": f"group {truth}",
                          "n": len(x),
                          "pearson": float(stats.pearsonr(x, y).statistic) if ok else np.nan,
@@ -149,16 +162,20 @@ def _fmt(value: float) -> str:
 
 
 def to_markdown(table: pd.DataFrame, truths: list[str], with_auc: bool = True) -> str:
-    """One row per metric and backbone; per truth measure ``r / rho`` (and the success AUC)."""
+    """One row per metric and backbone; per truth measure ``r / rho`` pooled, then the mean
+    within-task rho where the table has it, and ``n``; and the success AUC."""
+    within = "spearman_within_task" in table.columns
     header = "| metric | backbone | better | " + " | ".join(
-        f"{t}: r / rho (n)" for t in truths) + (" | success AUC |" if with_auc else " |")
+        f"{t}: r / rho{' / task rho' if within else ''} (n)" for t in truths) + (" | success AUC |" if with_auc else " |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for (metric, backbone), rows in table.groupby(["metric", "backbone"], sort=False):
         by_truth = rows.set_index("truth")
         cells = []
         for truth in truths:
             row = by_truth.loc[truth]
-            cells.append(f"{_fmt(row['pearson'])} / {_fmt(row['spearman'])} ({row['n']})")
+            within = row.get("spearman_within_task", float("nan"))
+            cells.append(f"{_fmt(row['pearson'])} / {_fmt(row['spearman'])}"
+                         + ("" if within != within else f" / {_fmt(within)}") + f" ({row['n']})")
         auc = by_truth.loc["success", "auc"] if with_auc else None
         better = "higher" if HIGHER_IS_BETTER[metric] else "lower"
         lines.append(f"| {metric} | `{backbone}` | {better} | " + " | ".join(cells)
