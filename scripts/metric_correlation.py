@@ -20,6 +20,7 @@ from editeval.metrics.correlation import (
     correlation_table,
     edit_table,
     group_table,
+    settings_markdown,
     to_markdown,
 )
 
@@ -33,9 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.csv:
         edits.to_csv(args.csv, index=False)
     truths = [t for t in TRUTHS if edits[t].notna().any()]
-    settings = edits.groupby("setting")
-    print(f"{len(edits)} edits in {len(settings)} settings: " + ", ".join(
-        f"{name} (success {group['success'].mean():.0%})" for name, group in settings))
+    print(f"{len(edits)} edits in {edits['setting'].nunique()} settings. Per setting, all tasks: "
+          "ground truth, then each metric's mean over the edits that have a value:")
+    print()
+    print(settings_markdown(edits))
     print()
     print("Per edit, all settings and tasks pooled:")
     print()

@@ -181,3 +181,20 @@ def to_markdown(table: pd.DataFrame, truths: list[str], with_auc: bool = True) -
         lines.append(f"| {metric} | `{backbone}` | {better} | " + " | ".join(cells)
                      + (f" | {'-' if auc != auc else f'{auc:.2f}'} |" if with_auc else " |"))
     return "\n".join(lines)
+
+
+def settings_markdown(edits: pd.DataFrame) -> str:
+    """Per setting (run and method), over all tasks: n, success rate, mean unedited PSNR against
+    the target (finite values), and the mean of every metric column (finite values)."""
+    columns = _metric_columns(edits)
+    header = "| setting | n | success | unedited PSNR (dB) | " + " | ".join(
+        c.split("@")[0] for c in columns) + " |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for setting, group in edits.groupby("setting"):
+        def mean(column: str) -> str:
+            values = group[column].to_numpy(dtype=float)
+            values = values[np.isfinite(values)]
+            return f"{values.mean():.4g}" if values.size else "-"
+        lines.append(f"| {setting} | {len(group)} | {group['success'].mean():.0%} | "
+                     f"{mean('unedited_psnr')} | " + " | ".join(mean(c) for c in columns) + " |")
+    return "\n".join(lines)
