@@ -10,27 +10,30 @@ must be predicted at the unknown ``z_t`` itself. Plain DDIM inversion evaluates 
 instead. AIDI solves ``z_t = f(z_t)`` with ``f(z) = D(z_{t-1}, eps(z, t))`` by fixed-point iteration
 from ``z_{t-1}``, accelerated with Anderson acceleration (type II, window ``anderson_memory``), and
 inverts at guidance 1 under the source prompt: no large classifier-free guidance in inversion.
-Each step costs ``num_fixed_point_iterations`` UNet evaluations; with one it is plain DDIM inversion.
+Each step costs ``num_fixed_point_iterations`` UNet evaluations; with one it is plain DDIM
+inversion.
 
 Editing. Denoising from the inverted noise under the target prompt with blended guidance: pixels of
 the edit region follow the target prompt with classifier-free guidance at ``guidance_scale``, the
 others follow guidance 1, which retraces the inversion. The edit region is read from the
-cross-attention maps of the words that differ between the prompts (added words under the target
-prompt, removed words under the source prompt), averaged over layers, heads and the steps so far,
+cross-attention maps of the words that differ between the prompts (Prompt-to-Prompt's blend
+words: added ones under the target prompt, removed ones under the source prompt), averaged over layers, heads and the steps so far,
 normalised to a maximum of 1 and thresholded at ``blend_threshold`` (Prompt-to-Prompt's local-blend
 threshold 0.3).
 
-Defaults: 20 steps (the paper's point is accurate editing in the 10- and 20-step regimes), Anderson
-acceleration with window 3 and 5 UNet evaluations per inversion step, guidance 7.5 in the edit region.
+Defaults: 20 steps (the paper's point is accurate editing in the 10- and 20-step regimes),
+Anderson acceleration with window 3 and 5 UNet evaluations per inversion step, guidance 7.5 in the
+edit region.
 
 Deviations:
-- The paper edits inside Prompt-to-Prompt, whose attention injection keeps the unedited region of the
-  target branch close to the source. We run no attention injection; instead the unedited pixels take
-  the source prompt's noise prediction at guidance 1, which is what the reconstruction branch would
-  follow, and the edit region the target prompt's guided prediction. The UNet sees a batch of
-  (unconditional, source, target) per step.
-- The fixed-point iteration count and Anderson window are those of public re-implementations
-  (5 and 3); we could not check them against the paper's text.
+- The paper edits inside Prompt-to-Prompt, whose attention injection keeps the unedited region of
+  the target branch close to the source. We run no attention injection; the unedited pixels take
+  the source prompt's noise prediction at guidance 1 (what the reconstruction branch follows) and
+  the edit region the target prompt's guided prediction. The UNet sees a batch of (unconditional,
+  source, target) per step.
+- Not checked against the paper's text (we could not read it): the fixed-point iteration count and
+  Anderson window (5 and 3, as in public re-implementations) and the edit-region guidance 7.5
+  (Stable Diffusion's and Prompt-to-Prompt's usual scale).
 
 NFE = num_inference_steps * num_fixed_point_iterations (the inversion)
       + 3 * num_inference_steps (2 * with guidance_scale 1) (the edit).
@@ -39,7 +42,6 @@ NFE = num_inference_steps * num_fixed_point_iterations (the inversion)
 from __future__ import annotations
 
 from collections.abc import Callable
-from difflib import SequenceMatcher
 from typing import Any
 
 import torch
@@ -59,6 +61,7 @@ from editeval.diffusion.ddim import (
 )
 from editeval.diffusion.inversion_cache import cached_inversion, inversion_key
 from editeval.diffusion.latents import decode_latents, encode_image, encode_prompt
+from editeval.diffusion.p2p_align import align_prompts
 
 CARD = MethodCard(
     name="aidi",
@@ -76,7 +79,8 @@ CARD = MethodCard(
                 "(2 * num_inference_steps for the edit with guidance_scale 1)",
     deviations="no Prompt-to-Prompt attention injection: unedited pixels follow the source "
                "prompt at guidance 1, the cross-attention edit region the target prompt at "
-               "guidance_scale; iteration count and Anderson window from re-implementations",
+               "guidance_scale; iteration count, Anderson window and guidance 7.5 not checked "
+               "against the paper's text",
 )
 
 
@@ -117,7 +121,8 @@ def anderson_fixed_point(f: Callable[[torch.Tensor], torch.Tensor], start: torch
 
 @torch.no_grad()
 def aidi_invert(unet: Any, latents: torch.Tensor, scheduler: Any, cond: torch.Tensor, *,
-                num_fixed_point_iterations: int = 5, anderson_memory: int = 3) -> list[torch.Tensor]:
+                num_fixed_point_iterations: int = 5,
+                anderson_memory: int = 3) -> list[torch.Tensor]:
     """AIDI inversion at guidance 1: the trajectory from clean ``latents`` to noise.
 
     Args:
@@ -163,20 +168,6 @@ def aidi_reconstruct(pipe: Any, image: Image.Image, prompt: str = "",
     return Reconstruction(decode_latents(pipe, restored), latents, inverted, restored)
 
 
-def edited_tokens(tokenizer: Any, source_prompt: str, target_prompt: str) -> tuple[list[int],
-                                                                                   list[int]]:
-    """Token positions (in the 77-token embeddings) of the words the edit removes from the source
-    prompt and adds to the target prompt, by aligning the two token sequences."""
-    source = tokenizer(source_prompt, truncation=True).input_ids
-    target = tokenizer(target_prompt, truncation=True).input_ids
-    removed, added = [], []
-    for op, a0, a1, b0, b1 in SequenceMatcher(None, source, target, autojunk=False).get_opcodes():
-        if op != "equal":
-            removed += range(a0, a1)
-            added += range(b0, b1)
-    return removed, added
-
-
 class _EditRegion(AttentionController):
     """Records cross-attention and turns it into the running edit-region map at latent size."""
 
@@ -209,14 +200,17 @@ class _EditRegion(AttentionController):
 @torch.no_grad()
 def blended_guidance_sample(unet: Any, latents: torch.Tensor, scheduler: Any,
                             uncond: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
-                            words: tuple[list[int], list[int]], guidance_scale: float,
+                            words: tuple[tuple[int, ...], tuple[int, ...]],
+                            guidance_scale: float,
                             threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """DDIM sampling with blended guidance (see the module docstring).
 
     Args:
         latents: (1, 4, h, w) inverted noise at the most noisy timestep.
         uncond, source, target: (1, 77, D) embeddings of "", the source and the target prompt.
-        words: (removed source positions, added target positions), from :func:`edited_tokens`.
+        words: token positions of the source's and the target's blend words (removed and added
+            words, :attr:`~editeval.diffusion.p2p_align.PromptAlignment.source_blend` and
+            ``target_blend``).
         guidance_scale: classifier-free guidance inside the edit region.
         threshold: edit-region threshold on the normalised attention map, in [0, 1].
 
@@ -226,7 +220,7 @@ def blended_guidance_sample(unet: Any, latents: torch.Tensor, scheduler: Any,
     """
     guided = guidance_scale != 1.0
     texts = [uncond, source, target] if guided else [source, target]
-    rows = {len(texts) - 2: words[0], len(texts) - 1: words[1]}
+    rows = {len(texts) - 2: list(words[0]), len(texts) - 1: list(words[1])}
     region = _EditRegion(rows)
     timesteps, alphas = _levels(scheduler)
     mask = torch.zeros(1, 1, *latents.shape[-2:])
@@ -280,10 +274,10 @@ def aidi(pipe: Any, inputs: EditInputs, generator: torch.Generator, *, num_infer
         return {"noise": trajectory[-1]}
 
     inverted, cached = cached_inversion(inputs.inversion_cache, key, invert)
+    alignment = align_prompts(pipe.tokenizer, inputs.source_prompt, inputs.target_prompt)
     latents, mask = blended_guidance_sample(
         pipe.unet, inverted["noise"].to(pipe.device), scheduler, encode_prompt(pipe, ""), source,
         encode_prompt(pipe, inputs.target_prompt),
-        edited_tokens(pipe.tokenizer, inputs.source_prompt, inputs.target_prompt),
-        guidance_scale, blend_threshold)
+        (alignment.source_blend, alignment.target_blend), guidance_scale, blend_threshold)
     return MethodOutput(decode_latents(pipe, latents),
                         {"inversion_cached": cached, "edit_region": mask[0, 0].cpu()})

@@ -70,12 +70,13 @@ def _step_levels(scheduler: Any) -> list[tuple[torch.Tensor, torch.Tensor, torch
     """(timestep, a_t, a_prev) of every step, noisiest first."""
     count = len(scheduler.timesteps)
     _, alphas = _levels(scheduler)
-    return [(t, alphas[count - k], alphas[count - k - 1]) for k, t in enumerate(scheduler.timesteps)]
+    return [(t, alphas[count - k], alphas[count - k - 1])
+            for k, t in enumerate(scheduler.timesteps)]
 
 
 def _ddpm_mean(latents: torch.Tensor, noise: torch.Tensor, alpha_t: torch.Tensor,
                alpha_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DDPM (eta 1) step's mean from ``alpha_t`` to ``alpha_prev``, and its standard deviation."""
+    """Mean and standard deviation of the DDPM (eta 1) step from ``alpha_t`` to ``alpha_prev``."""
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
     x0 = (latents - (1 - alpha_t).sqrt() * noise) / alpha_t.sqrt()
     mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - variance).clamp(min=0).sqrt() * noise

@@ -3,9 +3,10 @@
 Paper: "EDICT: Exact Diffusion Inversion via Coupled Transformations", Wallace, Gokul and Naik,
 CVPR 2023, arXiv:2211.12446.
 
-Algorithm. EDICT carries two latents (x, y), both set to the source latents, through DDIM. With
-``D(z, eps)`` the DDIM update from the alpha-bar ``a_t`` to the next lower level ``a_prev`` (an affine
-map of ``z`` for a fixed noise prediction ``eps``) and the mixing weight ``p``, one denoising step is::
+Algorithm. EDICT carries two latents (x, y), both set to the source latents, through DDIM.
+With ``D(z, eps)`` the DDIM update from the alpha-bar ``a_t`` to the next lower level ``a_prev``
+(an affine map of ``z`` for a fixed noise prediction ``eps``) and the mixing weight ``p``, one
+denoising step is::
 
     x_inter = D(x_t, eps(y_t))            # the noise is predicted at the *other* latent
     y_inter = D(y_t, eps(x_inter))
@@ -13,9 +14,9 @@ map of ``z`` for a fixed noise prediction ``eps``) and the mixing weight ``p``, 
     y_prev  = p * y_inter + (1 - p) * x_prev
 
 Every line changes one latent by an affine map whose coefficients depend only on the other latent,
-so the step inverts exactly, line by line in reverse order (un-mix y, un-mix x, undo the y update
-with ``eps(x_inter)``, undo the x update with ``eps(y_t)``). As in the official code, the two latents
-swap roles every step (odd steps update y first); the mixing always takes x first.
+so the step inverts exactly, line by line in reverse order (un-mix y, un-mix x, undo the y
+update with ``eps(x_inter)``, undo the x update with ``eps(y_t)``). As in the official code, the
+two latents swap roles every step (odd steps update y first); the mixing always takes x first.
 
 Editing, as in the paper: invert the source latents under the source prompt through the last
 ``floor(num_inference_steps * init_image_strength)`` DDIM steps (40 of 50), with classifier-free
@@ -85,11 +86,12 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 
 def _steps(scheduler: Any, num_steps: int | None) -> list[tuple[torch.Tensor, torch.Tensor,
                                                                 torch.Tensor]]:
-    """(timestep, a_t, a_prev) of the last ``num_steps`` DDIM steps, in denoising order (float64)."""
+    """(timestep, a_t, a_prev) of the last ``num_steps`` DDIM steps, denoising order, float64."""
     count = len(scheduler.timesteps)
     num_steps = count if num_steps is None else num_steps
     if not 1 <= num_steps <= count:
-        raise ValueError(f"num_steps must be in [1, {count}] (the scheduler's steps), got {num_steps}")
+        raise ValueError(f"num_steps must be in [1, {count}] (the scheduler's steps), "
+                         f"got {num_steps}")
     _, alphas = _levels(scheduler)
     return [(scheduler.timesteps[k], alphas[count - k].double(), alphas[count - k - 1].double())
             for k in range(count - num_steps, count)]
