@@ -97,8 +97,11 @@ def ddpm_invert(unet: Any, latents: torch.Tensor, scheduler: Any, cond: torch.Te
 
     Returns:
         ``(noisy, noise_maps)``: ``noisy[k]`` is the latent at ``scheduler.timesteps[k]`` (noisiest
-        first) and ``noisy[-1]`` the clean latents; ``noise_maps[k]`` is the standard-normal-like
-        map of step k. All in the latents' dtype and shape. NFE = steps (x2 with guidance).
+        first) and ``noisy[-1]`` the clean level as the last step regenerates it (``latents`` up
+        to rounding); ``noise_maps[k]`` is the noise map of step k. Each entry is stored as
+        ``mean + sigma * z``, so :func:`ddpm_sample` from ``noisy[0]`` with the same prompt and
+        guidance returns ``noisy[-1]`` bit for bit. All in the latents' dtype and shape.
+        NFE = steps (x2 with guidance).
     """
     levels = _step_levels(scheduler)
     noisy = []
