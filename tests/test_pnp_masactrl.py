@@ -48,7 +48,8 @@ def mask() -> Image.Image:
     ("masactrl", {"num_inference_steps": 4, "guidance_scale": 1.0}, 4 + 2 * 4),
 ])
 def test_nfe_follows_the_cards_formula(tiny_sd, image, method, params, expected):
-    result = edit(EditRequest(image, target_prompt="a red car", params=params), method, pipe=tiny_sd)
+    request = EditRequest(image, target_prompt="a red car", params=params)
+    result = edit(request, method, pipe=tiny_sd)
     assert result.nfe == expected
     assert result.intermediates["inversion_cached"] is False
 
@@ -134,6 +135,12 @@ def test_masactrl_takes_the_mask_only_when_given(tiny_sd, image, mask):
     assert masked.nfe == plain.nfe == 4 + 3 * 4
     difference = np.abs(np.asarray(masked.image, float) - np.asarray(plain.image, float)).max()
     assert difference > 0
+    # a full mask (EditEval's style changes) is accepted and separates nothing
+    full = Image.new("L", (64, 64), 255)
+    whole = edit(EditRequest(image, target_prompt="a red car", mask=full, params=MASA),
+                 "masactrl", pipe=tiny_sd)
+    assert not whole.intermediates["mask_guided"]
+    assert np.array_equal(np.asarray(whole.image), np.asarray(plain.image))
 
 
 def _attention_state(unet):

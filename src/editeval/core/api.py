@@ -36,20 +36,23 @@ def model_resolution(pipe: Any) -> int:
 
 
 def prepare_inputs(request: EditRequest, resolution: int, needs: tuple[str, ...] = (),
-                   inversion_cache: Any = None) -> tuple[EditInputs, Any]:
+                   inversion_cache: Any = None,
+                   optional: tuple[str, ...] = ()) -> tuple[EditInputs, Any]:
     """Load the request's images and bring them to ``resolution``; returns the inputs and the
     :class:`~editeval.data.images.Geometry` that maps results back to the source size.
 
-    The mask and the reference image are loaded only when ``needs`` names them (the method's
-    required and optional inputs): a method that ignores masks is never refused for an empty or
-    full one.
+    The mask and the reference image are loaded only when ``needs`` (the method's required
+    inputs) or ``optional`` (its optional ones) names them: a method that ignores masks is never
+    refused for an empty or full one, and an optional mask may be empty or full (a benchmark
+    passes every sample's mask, full ones included; the method decides what they mean).
     """
     image, geometry = fit_to_resolution(load_image(request.image), resolution)
     mask = None
-    if "mask" in needs and request.mask is not None:
-        mask = load_mask(request.mask, size=image.size)
+    if request.mask is not None and ("mask" in needs or "mask" in optional):
+        lenient = "mask" not in needs
+        mask = load_mask(request.mask, size=image.size, allow_empty=lenient, allow_full=lenient)
     reference = None
-    if "reference" in needs and request.reference is not None:
+    if request.reference is not None and ("reference" in needs or "reference" in optional):
         reference = load_image(request.reference).resize(image.size)
     inputs = EditInputs(
         image=image,
@@ -105,8 +108,8 @@ def edit(
         from editeval.models import load_pipeline
 
         pipe = load_pipeline(model, card.model_kind, device=device, dtype=dtype)
-    inputs, geometry = prepare_inputs(request, model_resolution(pipe),
-                                      card.inputs + card.optional_inputs, inversion_cache)
+    inputs, geometry = prepare_inputs(request, model_resolution(pipe), card.inputs,
+                                      inversion_cache, card.optional_inputs)
     generator = torch.Generator("cpu").manual_seed(request.seed)
     with count_nfe(pipe.unet) as counter:
         start = time.perf_counter()

@@ -16,7 +16,8 @@ Real-image editing, as in the official ``playground_real`` code:
    queries attend to the source's keys and values (:class:`MutualSelfAttention`, through
    :func:`~editeval.diffusion.attention.control_attention`).
 3. Mask-guided variant (the paper's Sec. 3.3, the official ``MutualSelfAttentionControlMask``)
-   when the request has a mask: in the controlled layers, target queries inside the mask attend
+   when the request has a mask (an empty or full one, as EditEval gives for style changes, is
+   no mask): in the controlled layers, target queries inside the mask attend
    only to the source's keys inside it and queries outside only to keys outside (the mask resized
    to each layer with nearest-neighbour interpolation, serving as both source and target mask).
    The official code computes a foreground and a background attention and blends them by the
@@ -151,7 +152,8 @@ class MutualSelfAttention(AttentionController):
             return probs
         allowed = (inside[:, None] == inside[None, :]).to(torch.float32)  # (queries, keys)
         target = probs[1:].float() * allowed
-        target = target / target.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        tiny = torch.finfo(torch.float32).tiny
+        target = target / target.sum(dim=-1, keepdim=True).clamp_min(tiny)
         return torch.cat([probs[:1], target.to(probs.dtype)])
 
 
@@ -172,6 +174,8 @@ def masactrl(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
     mask = None
     if inputs.mask is not None:
         mask = torch.from_numpy(np.asarray(inputs.mask) > 127)
+        if mask.all() or not mask.any():  # a full or empty mask separates nothing
+            mask = None
     source_latents, cached = invert_source(pipe, inputs, num_inference_steps, num_inference_steps)
     empty = encode_prompt(pipe, "")
     controller = MutualSelfAttention(layers, start_step, mask)
