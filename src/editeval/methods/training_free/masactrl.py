@@ -17,9 +17,9 @@ Real-image editing, as in the official ``playground_real`` code:
    :func:`~editeval.diffusion.attention.control_attention`).
 3. Mask-guided variant (the paper's Sec. 3.3, the official ``MutualSelfAttentionControlMask``)
    when the request has a mask (an empty or full one, as EditEval gives for style changes, is
-   no mask): in the controlled layers, target queries inside the mask attend
-   only to the source's keys inside it and queries outside only to keys outside (the mask resized
-   to each layer with nearest-neighbour interpolation, serving as both source and target mask).
+   no mask): in the controlled layers, target queries inside the mask attend only to the source's
+   keys inside it and queries outside only to keys outside (the mask resized to each layer with
+   nearest-neighbour interpolation, serving as both source and target mask).
    The official code computes a foreground and a background attention and blends them by the
    target mask; with a binary mask each query takes one of the two, which is what we compute, by
    renormalising the softmax over the allowed keys (exact; in float32). A layer where the resized
@@ -35,6 +35,11 @@ Layers on other UNets: the paper's self-attention layer index l (of SD 1.5's 16)
 the tiny models (n = 7) L = 10 maps to layer 4: ``up_blocks.1.attentions.1`` and
 ``up_blocks.2.attentions.*`` on the toy model, ``up_blocks.0.attentions.1`` and
 ``up_blocks.1.attentions.*`` on the tiny one.
+
+Deviations: the source branch evaluated once per step (same result, see above); a given mask
+serves as both source and target mask (the paper can also derive them from cross-attention maps:
+not implemented); timesteps follow the pipeline's scheduler configuration (SD 1.5: 981..1, the
+official notebook's DDIM scheduler: 980..0); the layer mapping above on non-SD-shaped UNets.
 
 TIC (Duan et al., "Tuning-Free Inversion-Enhanced Control for Consistent Image Editing",
 arXiv:2312.14611) is not implemented here: it takes keys and values recorded during the inversion
@@ -88,7 +93,9 @@ CARD = MethodCard(
     deviations="source branch evaluated once per step (the official code evaluates two equal "
                "rows), same result; a mask switches on the mask-guided variant with the given "
                "mask as both source and target mask (the paper also derives masks from "
-               "cross-attention, not implemented). On a UNet not shaped like SD 1.5 the paper's "
+               "cross-attention, not implemented). Timesteps follow the pipeline's scheduler "
+               "configuration (SD 1.5: 981..1; the official notebook's DDIM: 980..0). On a UNet "
+               "not shaped like SD 1.5 the paper's "
                "self-attention layer l (of 16) maps to floor(l * n / 16) of its n: toy model "
                "(n=7): up_blocks.1.attentions.1 and up_blocks.2; tiny model: "
                "up_blocks.0.attentions.1 and up_blocks.1",
