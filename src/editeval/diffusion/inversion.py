@@ -135,8 +135,8 @@ class DirectInversionGuidance(BranchGuidance):
 
     def correct(self, step: int, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         reference = self.trajectory[-(step + 2)].to(latents)
-        offset = reference - latents[:1]
-        return torch.cat([latents[:1] + offset, latents[1:]])
+        # z_src + (z* - z_src), written as z* itself: exact in floating point
+        return torch.cat([reference, latents[1:]])
 
 
 @dataclass

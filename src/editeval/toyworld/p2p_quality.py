@@ -7,6 +7,8 @@
 - :func:`word_swap_quality`: a method on those pairs through :func:`editeval.core.edit`, judged by
   the oracle (:func:`editeval.toyworld.oracle.score_edit`): edit success and the PSNR of the
   unedited region (against the source, equal to the target outside the mask).
+- :func:`vae_ceiling`: the same judgement of the ground-truth targets passed through the VAE
+  alone, what the VAE leaves of a perfect edit.
 - :func:`reconstruction_quality`: PSNR of a scene sampled back from its inversion at the editing
   guidance (the source branch alone), and the null-text optimisation iterations it took.
 
@@ -100,6 +102,23 @@ def word_swap_quality(pipe: Any, pairs: list[WordSwapPair], method: str = "p2p",
         nfe.append(result.nfe)
     return {"success": float(np.mean(successes)), "unedited_psnr": float(np.mean(unedited)),
             "successes": successes, "unedited_psnrs": unedited, "nfe": nfe}
+
+
+def vae_ceiling(pipe: Any, pairs: list[WordSwapPair]) -> dict[str, float]:
+    """The oracle's verdict on the ground-truth targets passed through the VAE alone: what the
+    VAE leaves of a perfect edit, the reference level for any latent-space edit.
+    Returns ``{"success": rate, "unedited_psnr": dB}``.
+    """
+    from editeval.diffusion.latents import decode_latents, encode_image
+
+    successes, unedited = [], []
+    for pair in pairs:
+        image = np.asarray(decode_latents(pipe, encode_image(pipe, Image.fromarray(
+            pair.target_image))))
+        score = score_edit(image, pair.source_image, pair.source, pair.target, pair.mask)
+        successes.append(bool(score.success))
+        unedited.append(float(score.unedited_psnr))
+    return {"success": float(np.mean(successes)), "unedited_psnr": float(np.mean(unedited))}
 
 
 def reconstruction_quality(pipe: Any, scenes: list[Scene], inversion: str,

@@ -1,0 +1,204 @@
+"""The inversions under Prompt-to-Prompt: null-text, negative-prompt, ProxEdit, Direct Inversion."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from editeval.core import EditRequest, count_nfe, edit
+from editeval.diffusion.ddim import ddim_scheduler
+from editeval.diffusion.inversion import (
+    DirectInversionGuidance,
+    ProximalGuidance,
+    ddim_trajectory,
+    invert_source,
+    optimise_null_text,
+    reconstruct_source,
+)
+from editeval.diffusion.inversion_cache import InversionCache
+from editeval.diffusion.latents import decode_latents, encode_image, encode_prompt
+from editeval.toyworld.models import WEIGHTS
+
+STEPS = 5
+PROMPT = "a red house"
+
+
+@pytest.fixture(scope="module")
+def photo() -> Image.Image:
+    y, x = np.mgrid[0:64, 0:64]
+    rgb = np.stack([x * 3, y * 3, 255 - (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(rgb)
+
+
+def _latent_error(pipe, source) -> float:
+    """Relative L2 error of the source branch's clean latents against the encoded image."""
+    from editeval.diffusion.dual_branch import sample_branches
+
+    latents = sample_branches(pipe.unet, source.trajectory[-1], source.scheduler,
+                              source.source_embeddings, source.guidance)
+    return float((latents - source.trajectory[0]).norm() / source.trajectory[0].norm())
+
+
+# ------------------------------------------------------------------------------------------------
+# The sampling rules, by hand
+# ------------------------------------------------------------------------------------------------
+
+
+def test_proximal_guidance_soft_thresholds_at_the_quantile():
+    trajectory = [torch.full((1, 1, 2, 2), 10.0)] * 3
+    guidance = ProximalGuidance(torch.zeros(1, 77, 4), 2.0, trajectory, quantile=0.5,
+                                recon_lr=0.5, recon_t=400, dilate_mask=0)
+    uncond = torch.zeros(1, 1, 2, 2)
+    cond = torch.tensor([[[[0.1, -0.4], [0.3, -1.5]]]])
+    # |delta| = 0.1, 0.4, 0.3, 1.5: the median (torch's linear interpolation) is 0.35
+    noise = guidance.combine(0, torch.tensor(900), uncond, cond)
+    expected = 2.0 * torch.tensor([[[[0.0, -0.05], [0.0, -1.15]]]])
+    assert torch.allclose(noise, expected, atol=1e-6)
+    assert guidance._keep is None  # timestep 900 is above recon_t: no inversion guidance
+    guidance.combine(1, torch.tensor(300), uncond, cond)
+    # edited where the thresholded |delta| > 0.35: only 1.15; kept elsewhere
+    assert torch.equal(guidance._keep, torch.tensor([[[[1.0, 1.0], [1.0, 0.0]]]]))
+    latents = torch.zeros(1, 1, 2, 2)
+    pulled = guidance.correct(1, torch.tensor(300), latents)
+    assert torch.equal(pulled, torch.tensor([[[[5.0, 5.0], [5.0, 0.0]]]]))  # halfway to 10
+    dilated = ProximalGuidance(torch.zeros(1, 77, 4), 2.0, trajectory, 0.5, 1.0, 400, 1)
+    dilated.combine(1, torch.tensor(300), uncond, cond)
+    assert dilated._keep.sum() == 0  # a 3 x 3 dilation of one edited pixel covers the 2 x 2
+
+
+def test_direct_inversion_puts_the_source_branch_back_on_the_trajectory():
+    trajectory = [torch.full((1, 4, 2, 2), float(k)) for k in range(4)]  # z_0 .. z_3
+    guidance = DirectInversionGuidance(torch.zeros(1, 77, 4), 7.5, trajectory)
+    latents = torch.randn(2, 4, 2, 2)
+    corrected = guidance.correct(0, torch.tensor(999), latents)  # step 0 lands on z_2
+    assert torch.equal(corrected[0], trajectory[2][0]) and torch.equal(corrected[1], latents[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Reconstruction on the tiny model
+# ------------------------------------------------------------------------------------------------
+
+
+def test_negative_prompt_inversion_retraces_the_guidance_one_inversion(tiny_sd, photo):
+    guided = invert_source(tiny_sd, photo, PROMPT, "negative-prompt", num_inference_steps=STEPS,
+                           guidance_scale=7.5)
+    plain = invert_source(tiny_sd, photo, PROMPT, "ddim", num_inference_steps=STEPS,
+                          guidance_scale=1.0)
+    error = _latent_error(tiny_sd, guided)
+    assert abs(error - _latent_error(tiny_sd, plain)) < 1e-5
+    assert error < _latent_error(tiny_sd, invert_source(
+        tiny_sd, photo, PROMPT, "ddim", num_inference_steps=STEPS, guidance_scale=7.5))
+
+
+def test_direct_inversion_reconstructs_exactly(tiny_sd, photo):
+    source = invert_source(tiny_sd, photo, PROMPT, "direct", num_inference_steps=STEPS)
+    assert _latent_error(tiny_sd, source) < 1e-6
+    vae_only = decode_latents(tiny_sd, encode_image(tiny_sd, photo))
+    assert np.array_equal(np.asarray(reconstruct_source(tiny_sd, source)), np.asarray(vae_only))
+
+
+def test_null_text_optimisation_closes_the_guidance_gap(tiny_sd, photo):
+    ddim = invert_source(tiny_sd, photo, PROMPT, "ddim", num_inference_steps=STEPS)
+    null_text = invert_source(tiny_sd, photo, PROMPT, "null-text", num_inference_steps=STEPS,
+                              null_text_inner_steps=10, early_stop_epsilon=0.0)
+    assert null_text.optimisation_steps == 10 * STEPS
+    assert _latent_error(tiny_sd, null_text) < 0.5 * _latent_error(tiny_sd, ddim)
+
+
+def test_null_text_runs_in_fp32_and_restores_the_unet(tiny_sd, photo):
+    unet = copy.deepcopy(tiny_sd.unet).to(torch.bfloat16)
+    flags = [p.requires_grad for p in unet.parameters()]
+    scheduler = ddim_scheduler(tiny_sd, 2)
+    trajectory = [z.to(torch.bfloat16) for z in ddim_trajectory(tiny_sd, photo, PROMPT, 2)[0]]
+    cond, empty = encode_prompt(tiny_sd, PROMPT), encode_prompt(tiny_sd, "")
+    embeddings, iterations = optimise_null_text(unet, trajectory, scheduler, cond, empty, 7.5,
+                                                inner_steps=2, early_stop_epsilon=0.0)
+    assert iterations == [2, 2] and all(e.dtype == torch.float32 for e in embeddings)
+    assert not torch.equal(embeddings[0], empty)  # it moved
+    assert unet.dtype == torch.bfloat16
+    assert [p.requires_grad for p in unet.parameters()] == flags
+    assert all(p.grad is None for p in unet.parameters())
+
+
+def test_null_text_early_stopping_and_its_nfe(tiny_sd, photo):
+    # a threshold no loss stays above: one iteration per step
+    request = EditRequest(photo, source_prompt=PROMPT, target_prompt="a blue house", params={
+        "num_inference_steps": STEPS, "early_stop_epsilon": 1e3})
+    result = edit(request, "null-text", pipe=tiny_sd)
+    assert result.intermediates["null_text_iterations"] == STEPS
+    assert result.nfe == STEPS + STEPS * (3 + 1) + 4 * STEPS
+
+
+def test_null_text_cache_key_holds_its_options(tiny_sd, photo):
+    cache = InversionCache()
+    options = {"num_inference_steps": STEPS, "null_text_inner_steps": 2}
+    with count_nfe(tiny_sd.unet) as first:
+        invert_source(tiny_sd, photo, PROMPT, "null-text", cache=cache, early_stop_epsilon=0.0,
+                      **options)
+    with count_nfe(tiny_sd.unet) as other:
+        again = invert_source(tiny_sd, photo, PROMPT, "null-text", cache=cache,
+                              early_stop_epsilon=1e3, **options)
+    assert first.nfe == STEPS + STEPS * (3 + 2)
+    assert other.nfe == STEPS * (3 + 1) and not again.cached  # same pivot, new optimisation
+    with count_nfe(tiny_sd.unet) as hit:
+        assert invert_source(tiny_sd, photo, PROMPT, "null-text", cache=cache,
+                             early_stop_epsilon=1e3, **options).cached
+    assert hit.nfe == 0
+
+
+def test_unknown_inversion_and_bad_options(tiny_sd, photo):
+    with pytest.raises(ValueError, match="unknown inversion 'edict'"):
+        invert_source(tiny_sd, photo, PROMPT, "edict")
+    with pytest.raises(ValueError, match="null_text_inner_steps >= 1"):
+        invert_source(tiny_sd, photo, PROMPT, "null-text", null_text_inner_steps=0)
+    with pytest.raises(ValueError, match="0 < proximal_quantile < 1"):
+        invert_source(tiny_sd, photo, PROMPT, "proxedit", proximal_quantile=1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The toy model's bars
+# ------------------------------------------------------------------------------------------------
+
+toy_only = pytest.mark.skipif(not (WEIGHTS / "sd" / "model_index.json").exists(),
+                              reason=f"toy weights not exported to {WEIGHTS}")
+
+
+@pytest.fixture(scope="module")
+def toy_scenes():
+    from editeval.toyworld.scenes import sample_scene
+
+    rng = np.random.default_rng(2024)
+    return [sample_scene(rng) for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from editeval.models import load_pipeline
+
+    return load_pipeline("toy")
+
+
+@toy_only
+def test_toy_null_text_reconstructs_as_well_as_the_vae(toy, toy_scenes):
+    # Measured on these 2 scenes at 10 steps: VAE 28.91 dB, null-text 28.35 dB (all 100
+    # iterations), negative-prompt inversion 28.24 dB, DDIM inversion sampled at 7.5 24.76 dB.
+    # At 50 steps on 4 scenes (benchmarks/inversion.py): VAE 26.91, null-text 26.91, DDIM 22.17.
+    from editeval.toyworld.evaluate import vae_psnr
+    from editeval.toyworld.p2p_quality import reconstruction_quality
+
+    vae = vae_psnr(toy, toy_scenes)
+    null_text = reconstruction_quality(toy, toy_scenes, "null-text", 10, early_stop_epsilon=0.0)
+    assert null_text["optimisation_steps"] == 100
+    assert null_text["psnr"] >= vae - 1.0
+    assert reconstruction_quality(toy, toy_scenes, "negative-prompt", 10)["psnr"] >= vae - 1.0
+    assert reconstruction_quality(toy, toy_scenes, "ddim", 10)["psnr"] <= null_text["psnr"] - 2.0
+    # early stopping: measured 73 of 100 iterations at eps 3e-3, 0.06 dB below the full run (the
+    # issue's bar, a third of the iterations within 0.5 dB, is not met by this toy model at 50
+    # steps either: see benchmarks/inversion.py)
+    early = reconstruction_quality(toy, toy_scenes, "null-text", 10, early_stop_epsilon=3e-3)
+    assert early["optimisation_steps"] <= 80
+    assert early["psnr"] >= null_text["psnr"] - 0.5
