@@ -226,7 +226,8 @@ def score(
                                                             per_image["backbone"])]]
             if not sets.empty:
                 sets = sets[[k in chosen for k in zip(sets["metric"], sets["backbone"])]]
-            console.print(metrics_markdown(per_image, sets), markup=False, highlight=False)
+            console.print(metrics_markdown(per_image, sets), markup=False, highlight=False,
+                          soft_wrap=True)  # Markdown: no line breaks added
 
 
 @app.command(name="leaderboard")
