@@ -1,4 +1,4 @@
-"""Inversions for editing and Prompt-to-Prompt word swaps on the toy model, against the issue's bars.
+"""Inversions for editing and Prompt-to-Prompt word swaps on the toy model, against the bars.
 
     python benchmarks/inversion.py [--model toy] [--scenes 8] [--pairs 24] [--steps 50]
 

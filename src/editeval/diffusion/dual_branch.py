@@ -5,7 +5,7 @@ branches at once, the source prompt's and the target prompt's, so that an attent
 hand the source branch's attention to the target branch inside one UNet call. Each DDIM step (the
 update of :mod:`editeval.diffusion.ddim`) evaluates the UNet on one batch laid out as
 
-    [unconditional x branches, conditional x branches]  (for two branches: u_src, u_tgt, c_src, c_tgt)
+    [unconditional x branches, conditional x branches]   (two branches: u_src, u_tgt, c_src, c_tgt)
 
 so the controller sees the unconditional half first, then the conditional half, as diffusers lays
 out classifier-free guidance. NFE = 2 x branches per step (4 for the source/target pair).
@@ -32,7 +32,7 @@ class BranchGuidance:
 
     Args:
         uncond: (1, 77, D) unconditional embeddings (the empty prompt's for plain CFG).
-        guidance_scale: the classifier-free guidance scale w (1 = no guidance, still 2 NFE a branch).
+        guidance_scale: the classifier-free guidance scale w (1: no guidance, still 2 NFE a branch).
     """
 
     def __init__(self, uncond: torch.Tensor, guidance_scale: float) -> None:
@@ -84,7 +84,8 @@ def sample_branches(unet: Any, latents: torch.Tensor, scheduler: Any, conds: tor
                      encoder_hidden_states=torch.cat([uncond, conds])).sample
         noise_uncond, noise_cond = noise.chunk(2)
         noise = guidance.combine(step, t, noise_uncond, noise_cond)
-        latents = ddim_step(latents, noise, alphas[level].to(latents), alphas[level - 1].to(latents))
+        latents = ddim_step(latents, noise, alphas[level].to(latents),
+                            alphas[level - 1].to(latents))
         latents = guidance.correct(step, t, latents)
         if callback is not None:
             latents = callback(step, t, latents)

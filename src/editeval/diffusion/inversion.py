@@ -212,7 +212,8 @@ def optimise_null_text(unet: Any, trajectory: list[torch.Tensor], scheduler: Any
 
     Args:
         trajectory: ``[z_0, ..., z_T]`` from DDIM inversion at guidance 1 under the source prompt.
-        cond: (1, 77, D) source prompt embeddings. uncond: (1, 77, D) the empty prompt's (the start).
+        cond: (1, 77, D) source prompt embeddings.
+        uncond: (1, 77, D) the empty prompt's embeddings, where the optimisation starts.
         inner_steps: N, Adam iterations per timestep at most (>= 1).
         early_stop_epsilon: stop a timestep's iterations once the loss is below
             ``early_stop_epsilon * (1 + 2 i)`` at step i; 0 runs all N.
@@ -285,7 +286,8 @@ def invert_source(pipe: Any, image: Image.Image, prompt: str, kind: str, *,
         raise ValueError("null-text inversion needs null_text_inner_steps >= 1 and "
                          f"early_stop_epsilon >= 0, got {null_text_inner_steps} and "
                          f"{early_stop_epsilon}")
-    if kind == "proxedit" and not (0 < proximal_quantile < 1 and recon_lr >= 0 and dilate_mask >= 0):
+    if kind == "proxedit" and not (0 < proximal_quantile < 1 and recon_lr >= 0
+                                   and dilate_mask >= 0):
         raise ValueError("proxedit needs 0 < proximal_quantile < 1, recon_lr >= 0 and "
                          f"dilate_mask >= 0, got {proximal_quantile}, {recon_lr}, {dilate_mask}")
     trajectory, cached = ddim_trajectory(pipe, image, prompt, num_inference_steps, cache)

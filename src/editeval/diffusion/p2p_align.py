@@ -45,12 +45,12 @@ class PromptAlignment:
 
     Attributes:
         kind: ``"replace"`` (word swap, equal token counts) or ``"refine"`` (global alignment).
-        source_tokens, target_tokens: the prompts' tokens as the tokenizer spells them, start and end
-            tokens included, padding excluded.
+        source_tokens, target_tokens: the prompts' tokens as the tokenizer spells them, start and
+            end tokens included, padding excluded.
         mapper: float32 (L, L) 0/1 matrix, ``mapper[i, j] = 1`` when target token ``j`` takes source
             token ``i``'s attention (L = the tokenizer's ``model_max_length``, 77 for CLIP).
-        alphas: float32 (L,), 1 where the target token takes the source's attention, 0 where it keeps
-            its own (refinement's new tokens).
+        alphas: float32 (L,), 1 where the target token takes the source's attention, 0 where it
+            keeps its own (refinement's new tokens).
         source_blend, target_blend: indices (into the padded token sequence) of the tokens that
             differ between the prompts, the local blend's words on each side.
     """
@@ -98,7 +98,8 @@ def token_ids(tokenizer: Any, prompt: str) -> list[int]:
 
 
 def global_alignment(x: Sequence[Any], y: Sequence[Any], match: int = MATCH,
-                     mismatch: int = MISMATCH, gap: int = GAP) -> list[tuple[int | None, int | None]]:
+                     mismatch: int = MISMATCH,
+                     gap: int = GAP) -> list[tuple[int | None, int | None]]:
     """Needleman-Wunsch global alignment of two sequences.
 
     Returns the aligned pairs in order, ``(i, j)`` for paired elements (equal or mismatched),

@@ -6,7 +6,8 @@ Aberman, Pritch and Cohen-Or, ICLR 2023, arXiv:2208.01626 (official code: google
 A source branch (source prompt) and a target branch (target prompt) are denoised together from the
 inverted source (:func:`editeval.diffusion.dual_branch.sample_branches`, the UNet batch
 [u_src, u_tgt, c_src, c_tgt], classifier-free guidance 7.5, 50 DDIM steps). In the conditional
-half (the unconditional half is left alone, as in the official code), :class:`PromptToPromptController`:
+half (the unconditional half is left alone, as in the official code),
+:class:`PromptToPromptController` applies:
 
 - **replace / refine**: for the first ``cross_replace_steps`` (0.8) of the steps (steps
   ``i < int(0.8 (steps + 1))``, the official schedule), the target's cross-attention probabilities
@@ -41,6 +42,8 @@ Deviations (on the method card too):
 - Local blend resolution: P2P uses the 16 x 16 cross-attention maps of SD's 64 x 64 latents; we
   take the coarsest cross-attention resolution whose longer side has at least 16 tokens, else the
   finest (8 x 8 on the toy model, whose cross-attention runs at 8 x 8, 4 x 4 and 2 x 2).
+- Local blend is on by default, with the blend words found by the aligner (P2P's is opt-in, with
+  words given by hand); turn it off for global edits (style change).
 - The aligner pairs padding with padding (see :mod:`editeval.diffusion.p2p_align`); word swaps are
   decided by token counts (P2P decides by word counts and spreads a word's attention over a
   replacement of a different token count; a pair of prompts with as many words but not as many
@@ -72,7 +75,8 @@ class PromptToPromptController(AttentionController):
     """Prompt-to-Prompt's attention edits on a [u_src, u_tgt, c_src, c_tgt] UNet batch.
 
     Args:
-        alignment: the target-to-source token map (:func:`~editeval.diffusion.p2p_align.align_prompts`).
+        alignment: the target-to-source token map
+            (:func:`~editeval.diffusion.p2p_align.align_prompts`).
         num_inference_steps: the number of sampling steps (the schedules are fractions of it).
         cross_replace_steps, self_replace_steps: fractions of the steps (in [0, 1]).
         equalizer: (L,) per-target-token attention scales, or ``None``.
@@ -229,10 +233,12 @@ CARD = MethodCard(
     deviations="local blend on the coarsest cross-attention maps with a side of at least 16 "
                "tokens, else the finest (8x8 on the toy model; P2P: 16x16 on SD); word swap "
                "decided by token counts, refinement otherwise (P2P: by word counts); the aligner "
-               "pairs padding with padding; blend words found by the aligner (P2P: given by hand)",
+               "pairs padding with padding; local blend on by default with the blend words found "
+               "by the aligner (P2P: opt-in, words given by hand)",
     note="Default inversion: DDIM, the P2P paper's own real-image procedure; P2P with null-text "
          "inversion is the 'null-text' method. inversion= ddim | null-text | negative-prompt | "
-         "proxedit | direct. equalizer: 'word:scale,...' on the target prompt.",
+         "proxedit | direct. equalizer: 'word:scale,...' on the target prompt. local_blend=false "
+         "for global edits (style change), where a blend mask would hold the edit back.",
 )
 
 
