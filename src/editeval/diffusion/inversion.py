@@ -192,13 +192,14 @@ def _fp32_frozen(unet: Any) -> Iterator[None]:
     dtype = unet.dtype
     flags = [p.requires_grad for p in unet.parameters()]
     unet.requires_grad_(False)
+    cast = torch.nn.Module.to  # a plain cast; diffusers' ``to`` warns on every dtype change
     if dtype != torch.float32:
-        unet.to(torch.float32)
+        cast(unet, torch.float32)
     try:
         yield
     finally:
         if dtype != torch.float32:
-            unet.to(dtype)
+            cast(unet, dtype)
         for parameter, flag in zip(unet.parameters(), flags):
             parameter.requires_grad_(flag)
 
