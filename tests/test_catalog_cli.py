@@ -37,7 +37,12 @@ def test_catalog_filters_like_the_library():
 def test_catalog_marks_implemented_papers():
     result = runner.invoke(app, ["catalog", "--implemented"], env=WIDE)
     assert result.exit_code == 0
-    assert "1 of 122 catalog entries" in result.output and "instructpix2pix" in result.output
+    implemented = ["instructpix2pix", "null-text", "edict", "ddpm-inversion", "aidi", "p2p", "pnp",
+                   "negative-prompt-inversion", "proxedit", "masactrl"]
+    assert f"{len(implemented)} of 122 catalog entries" in result.output
+    assert all(name in result.output for name in implemented)
+    # not in the survey's list: SDEdit (the baseline) and Direct Inversion (Ju et al.)
+    assert "sdedit" not in result.output and "direct-inversion" not in result.output
 
 
 def test_catalog_rejects_unknown_strategy():
