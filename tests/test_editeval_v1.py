@@ -7,12 +7,10 @@ from pathlib import Path
 
 import pytest
 from conftest import HUMAN_NAMES, MISSING_IDS, link_tasks, write_prompts
-from openpyxl import Workbook
 
 from editeval.data.editeval_v1 import (
     EXPECTED_BLOCKS,
     PROMPTS_FILE,
-    TASK_FOLDERS,
     load_editeval_v1,
     read_prompts,
     scan_images,

@@ -65,10 +65,10 @@ from editeval.data.samples import TASKS
 from editeval.diffusion.attention import AttentionCall, AttentionController, control_attention
 from editeval.diffusion.ddim import ddim_scheduler
 from editeval.diffusion.latents import decode_latents, encode_prompt
-from editeval.methods.training_free.pnp import (
+from editeval.diffusion.source_branch import (
     check_text_to_image,
     denoise_with_source_branch,
-    invert_source,
+    invert_unconditional,
 )
 
 SD15_SELF_ATTENTION_LAYERS = 16
@@ -183,7 +183,7 @@ def masactrl(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
         mask = torch.from_numpy(np.asarray(inputs.mask) > 127)
         if mask.all() or not mask.any():  # a full or empty mask separates nothing
             mask = None
-    source_latents, cached = invert_source(pipe, inputs, num_inference_steps, num_inference_steps)
+    source_latents, cached = invert_unconditional(pipe, inputs, num_inference_steps, num_inference_steps)
     empty = encode_prompt(pipe, "")
     controller = MutualSelfAttention(layers, start_step, mask)
     with control_attention(pipe.unet, controller):

@@ -32,8 +32,8 @@ layer ``floor(l * L / 12)`` (identity on SD 1.5): the toy model (L = 6) injects 
 ``up_blocks.1.resnets.0`` and queries/keys from decoder layer 2 on (``up_blocks.1.attentions.*``,
 ``up_blocks.2.attentions.*``); the tiny model (L = 4) at ``up_blocks.0.resnets.1`` and from layer 1.
 
-This module also holds the two parts that MasaCtrl shares: :func:`invert_source` (the cached DDIM
-inversion under the empty prompt) and :func:`denoise_with_source_branch` (the three-row sampler).
+The cached inversion and the three-row sampler, which MasaCtrl shares, are in
+:mod:`editeval.diffusion.source_branch`.
 
 Deviations: the official code uses SD 2.1 base (the paper SD 1.4/1.5 in its original LDM code); we
 run whatever model the caller passes, with the layer mapping above on non-SD-shaped UNets.
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -54,9 +53,13 @@ import torch
 from editeval.core.registry import EditInputs, MethodCard, MethodOutput, Paper, register_method
 from editeval.data.samples import TASKS
 from editeval.diffusion.attention import AttentionCall, AttentionController, control_attention
-from editeval.diffusion.ddim import ddim_invert, ddim_scheduler, ddim_step
-from editeval.diffusion.inversion_cache import cached_inversion, inversion_key
-from editeval.diffusion.latents import decode_latents, encode_image, encode_prompt
+from editeval.diffusion.ddim import ddim_scheduler
+from editeval.diffusion.latents import decode_latents, encode_prompt
+from editeval.diffusion.source_branch import (
+    check_text_to_image,
+    denoise_with_source_branch,
+    invert_unconditional,
+)
 
 SD15_DECODER_LAYERS = 12
 PAPER_FEATURE_LAYER = 4  # f^4: the first decoder layer whose features are injected
@@ -130,104 +133,6 @@ def pnp_layers(unet: Any) -> tuple[str, list[str]]:
     return f"up_blocks.{block}.resnets.{resnet}.conv2", attention
 
 
-@torch.no_grad()
-def invert_source(pipe: Any, inputs: EditInputs, num_inference_steps: int,
-                  inversion_steps: int) -> tuple[list[torch.Tensor], bool]:
-    """DDIM inversion of ``inputs.image`` under the empty prompt, without guidance, cached.
-
-    Inverts with ``inversion_steps`` steps and keeps the latents at the ``num_inference_steps``
-    sampling timesteps. Goes through ``inputs.inversion_cache`` (kind ``ddim``; options name the
-    kept timesteps), so methods inverting the same image with the same steps share it.
-
-    Returns:
-        The latents (each (1, 4, h, w), the UNet's dtype and device) at the sampling timesteps,
-        most noisy first, and whether they came from the cache. NFE = ``inversion_steps`` on a miss.
-
-    Raises:
-        ValueError: a sampling timestep is not among the inversion's (with SD's "leading"
-            spacing, ``inversion_steps`` must be a multiple of ``num_inference_steps``, or 999).
-    """
-    if num_inference_steps < 1 or inversion_steps < 1:
-        raise ValueError(f"num_inference_steps ({num_inference_steps}) and inversion_steps "
-                         f"({inversion_steps}) must be at least 1")
-    sampling = ddim_scheduler(pipe, num_inference_steps)
-    inverting = ddim_scheduler(pipe, inversion_steps)
-    saved = [int(t) for t in sampling.timesteps]
-    available = [int(t) for t in inverting.timesteps.flip(0)]  # least noisy first
-    missing = sorted(set(saved) - set(available))
-    if missing:
-        raise ValueError(
-            f"inversion_steps={inversion_steps} does not visit the sampling timesteps {missing} "
-            f"of num_inference_steps={num_inference_steps}; use a multiple of "
-            "num_inference_steps (or 999 with SD's leading timestep spacing)"
-        )
-    key = inversion_key(kind="ddim", image=inputs.image, prompt="", pipe=pipe, scheduler=inverting,
-                        num_inference_steps=inversion_steps, guidance_scale=1.0,
-                        options={"saved_timesteps": saved})
-
-    def compute() -> dict[str, torch.Tensor]:
-        latents = encode_image(pipe, inputs.image).to(pipe.unet.dtype)
-        trajectory = ddim_invert(pipe.unet, latents, inverting, encode_prompt(pipe, ""))
-        at = {t: trajectory[k + 1] for k, t in enumerate(available)}
-        return {"latents": torch.cat([at[t] for t in saved])}
-
-    value, cached = cached_inversion(inputs.inversion_cache, key, compute)
-    latents = value["latents"].to(pipe.unet.device, pipe.unet.dtype)
-    return list(latents.split(1)), cached
-
-
-@torch.no_grad()
-def denoise_with_source_branch(
-    unet: Any, scheduler: Any, start: torch.Tensor, source_text: torch.Tensor,
-    target_text: torch.Tensor, uncond_text: torch.Tensor, guidance_scale: float,
-    source_latents: list[torch.Tensor] | None = None,
-    on_step: Callable[[int], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic DDIM sampling of a source and a target branch in one UNet batch.
-
-    The batch is [source, target unconditional, target conditional] (3 NFE per step), or
-    [source, target] when ``guidance_scale`` is 1 (2 NFE). The source row sees ``source_text``
-    without guidance; the target rows ``uncond_text`` and ``target_text`` with classifier-free
-    guidance. Controllers and hooks find the source in row 0 and the target in rows 1 and up.
-
-    Args:
-        unet, scheduler: the pipeline's UNet and a DDIM scheduler set to the sampling steps.
-        start: (1, 4, h, w) latents at the first (most noisy) timestep, for both branches.
-        source_text, target_text, uncond_text: (1, 77, D) text embeddings.
-        guidance_scale: the target's classifier-free guidance scale.
-        source_latents: when given, the source row replays them (one (1, 4, h, w) latent per
-            timestep, most noisy first: an inversion trajectory); otherwise it is denoised too.
-        on_step: called with the step index before each UNet evaluation.
-
-    Returns:
-        The clean (1, 4, h, w) latents of the source and the target branch.
-    """
-    timesteps = [int(t) for t in scheduler.timesteps]
-    if source_latents is not None and len(source_latents) != len(timesteps):
-        raise ValueError(f"source_latents has {len(source_latents)} entries for "
-                         f"{len(timesteps)} timesteps")
-    guided = guidance_scale != 1.0
-    texts = [source_text, uncond_text, target_text] if guided else [source_text, target_text]
-    text = torch.cat(texts)
-    source = target = start
-    for i, t in enumerate(timesteps):
-        if source_latents is not None:
-            source = source_latents[i]
-        if on_step is not None:
-            on_step(i)
-        rows = torch.cat([source] + [target] * (len(texts) - 1))
-        noise = unet(rows, t, encoder_hidden_states=text).sample
-        target_noise = noise[-1:]
-        if guided:
-            target_noise = noise[1:2] + guidance_scale * (noise[2:3] - noise[1:2])
-        alpha = scheduler.alphas_cumprod[t].to(start)
-        alpha_next = (scheduler.alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps)
-                      else torch.as_tensor(scheduler.final_alpha_cumprod)).to(start)
-        source = ddim_step(source, noise[:1], alpha, alpha_next)
-        target = ddim_step(target, target_noise, alpha, alpha_next)
-    return source, target
-
-
 class QueryKeyInjection(AttentionController):
     """Replaces the target rows' self-attention queries and keys by the source row's (row 0) in
     the given layers for the first ``steps`` steps."""
@@ -260,16 +165,6 @@ class FeatureInjection:
         return output[:1].expand_as(output).contiguous() if self.active else output
 
 
-def check_text_to_image(pipe: Any, method: str) -> None:
-    """Raise ``ValueError`` unless ``pipe`` has a 4-channel (text-to-image) UNet."""
-    channels = pipe.unet.config.in_channels
-    if channels != 4:
-        raise ValueError(
-            f"{method} needs a text-to-image model (4-channel UNet), got a {channels}-channel one: "
-            "use a suite name (--model sd15) or a text-to-image checkpoint"
-        )
-
-
 @register_method(CARD)
 def plug_and_play(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
                   num_inference_steps: int, guidance_scale: float, negative_prompt: str,
@@ -288,7 +183,7 @@ def plug_and_play(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"pnp: {name} is a fraction of the steps in [0, 1], got {value}")
     feature_layer, attention_layers = pnp_layers(pipe.unet)
-    source_latents, cached = invert_source(pipe, inputs, num_inference_steps, inversion_steps)
+    source_latents, cached = invert_unconditional(pipe, inputs, num_inference_steps, inversion_steps)
     scheduler = ddim_scheduler(pipe, num_inference_steps)
     features = FeatureInjection(int(num_inference_steps * feature_injection))
     controller = QueryKeyInjection(attention_layers, int(num_inference_steps * attention_injection))
