@@ -65,7 +65,7 @@ def predict_noise(unet: Any, latents: torch.Tensor, timestep: torch.Tensor, cond
     return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
 
 
-def _levels(scheduler: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def noise_levels(scheduler: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Timesteps from least to most noisy and the alpha-bar before each (the clean level first)."""
     timesteps = scheduler.timesteps.flip(0)
     alphas = [torch.as_tensor(scheduler.final_alpha_cumprod)]
@@ -81,7 +81,7 @@ def ddim_invert(unet: Any, latents: torch.Tensor, scheduler: Any, cond: torch.Te
     Returns ``[z_0, z_1, ..., z_T]`` (T = number of scheduler steps + 1 entries), ``z_T`` being the
     inverted noise at the most noisy timestep. NFE = steps (x2 with guidance).
     """
-    timesteps, alphas = _levels(scheduler)
+    timesteps, alphas = noise_levels(scheduler)
     trajectory = [latents]
     for i, t in enumerate(timesteps):
         noise = predict_noise(unet, trajectory[-1], t, cond, uncond, guidance_scale)
@@ -102,7 +102,7 @@ def ddim_sample(unet: Any, latents: torch.Tensor, scheduler: Any, cond: torch.Te
     ``callback(i, t, latents)`` runs after step ``i`` and may return replacement latents (methods
     use it to blend or inject). NFE = steps (x2 with guidance).
     """
-    timesteps, alphas = _levels(scheduler)
+    timesteps, alphas = noise_levels(scheduler)
     for i, t in enumerate(scheduler.timesteps):
         level = len(timesteps) - i
         noise = predict_noise(unet, latents, t, cond, uncond, guidance_scale)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from editeval.diffusion.ddim import _levels, ddim_step
+from editeval.diffusion.ddim import ddim_step, noise_levels
 
 
 class BranchGuidance:
@@ -76,7 +76,7 @@ def sample_branches(unet: Any, latents: torch.Tensor, scheduler: Any, conds: tor
     """
     branches = conds.shape[0]
     latents = latents.expand(branches, *latents.shape[1:]).clone()
-    timesteps, alphas = _levels(scheduler)
+    timesteps, alphas = noise_levels(scheduler)
     for step, t in enumerate(scheduler.timesteps):
         level = len(timesteps) - step
         uncond = guidance.uncond(step).to(conds).expand(branches, *conds.shape[1:])

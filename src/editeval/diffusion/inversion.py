@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from editeval.diffusion.ddim import _levels, ddim_invert, ddim_scheduler, ddim_step
+from editeval.diffusion.ddim import ddim_invert, ddim_scheduler, ddim_step, noise_levels
 from editeval.diffusion.dual_branch import BranchGuidance, sample_branches
 from editeval.diffusion.inversion_cache import cached_inversion, inversion_key
 from editeval.diffusion.latents import decode_latents, encode_image, encode_prompt
@@ -223,7 +223,7 @@ def optimise_null_text(unet: Any, trajectory: list[torch.Tensor], scheduler: Any
         per sampling step, the optimised float32 (1, 77, D) embeddings, and the iterations run.
         Runs in float32 whatever the UNet's dtype (restored after).
     """
-    timesteps, alphas = _levels(scheduler)
+    timesteps, alphas = noise_levels(scheduler)
     steps = len(timesteps)
     device = trajectory[0].device
     latent = trajectory[-1].float()

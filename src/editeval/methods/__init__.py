@@ -3,12 +3,17 @@
 Importing this package registers them (see :mod:`editeval.core.registry`).
 """
 
-from editeval.methods.training_based import instructpix2pix  # noqa: F401
-from editeval.methods.training_free import masactrl, pnp  # noqa: F401
-from editeval.methods.training_free import aidi  # noqa: F401
-from editeval.methods.training_free import ddpm_inversion  # noqa: F401
-from editeval.methods.training_free import edict  # noqa: F401
-from editeval.methods.training_free import sdedit  # noqa: F401
 from editeval.methods.test_time_finetuning import null_text  # noqa: F401
-from editeval.methods.training_free import (  # noqa: F401
-    direct_inversion, negative_prompt_inversion, prompt_to_prompt, proxedit)
+from editeval.methods.training_based import instructpix2pix  # noqa: F401
+from editeval.methods.training_free import (  # noqa: F401  # noqa: F401
+    aidi,  # noqa: F401
+    ddpm_inversion,  # noqa: F401
+    direct_inversion,
+    edict,  # noqa: F401
+    masactrl,
+    negative_prompt_inversion,
+    pnp,
+    prompt_to_prompt,
+    proxedit,
+    sdedit,  # noqa: F401
+)

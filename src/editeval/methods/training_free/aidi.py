@@ -53,10 +53,10 @@ from editeval.data.samples import TASKS
 from editeval.diffusion.attention import AttentionController, control_attention
 from editeval.diffusion.ddim import (
     Reconstruction,
-    _levels,
     ddim_sample,
     ddim_scheduler,
     ddim_step,
+    noise_levels,
     predict_noise,
 )
 from editeval.diffusion.inversion_cache import cached_inversion, inversion_key
@@ -136,7 +136,7 @@ def aidi_invert(unet: Any, latents: torch.Tensor, scheduler: Any, cond: torch.Te
         ``[z_0, ..., z_T]`` as :func:`~editeval.diffusion.ddim.ddim_invert` (float32, the shape of
         ``latents``). NFE = steps x num_fixed_point_iterations.
     """
-    timesteps, alphas = _levels(scheduler)
+    timesteps, alphas = noise_levels(scheduler)
     trajectory = [latents.float()]
     for i, t in enumerate(timesteps):
         previous = trajectory[-1]
@@ -222,7 +222,7 @@ def blended_guidance_sample(unet: Any, latents: torch.Tensor, scheduler: Any,
     texts = [uncond, source, target] if guided else [source, target]
     rows = {len(texts) - 2: list(words[0]), len(texts) - 1: list(words[1])}
     region = _EditRegion(rows)
-    timesteps, alphas = _levels(scheduler)
+    timesteps, alphas = noise_levels(scheduler)
     mask = torch.zeros(1, 1, *latents.shape[-2:])
     with control_attention(unet, region):
         for i, t in enumerate(scheduler.timesteps):

@@ -43,7 +43,7 @@ import torch
 
 from editeval.core.registry import EditInputs, MethodCard, MethodOutput, Paper, register_method
 from editeval.data.samples import TASKS
-from editeval.diffusion.ddim import _levels, ddim_scheduler, predict_noise
+from editeval.diffusion.ddim import ddim_scheduler, noise_levels, predict_noise
 from editeval.diffusion.inversion_cache import cached_inversion, inversion_key
 from editeval.diffusion.latents import decode_latents, encode_image, encode_prompt
 
@@ -69,7 +69,7 @@ CARD = MethodCard(
 def _step_levels(scheduler: Any) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(timestep, a_t, a_prev) of every step, noisiest first."""
     count = len(scheduler.timesteps)
-    _, alphas = _levels(scheduler)
+    _, alphas = noise_levels(scheduler)
     return [(t, alphas[count - k], alphas[count - k - 1])
             for k, t in enumerate(scheduler.timesteps)]
 

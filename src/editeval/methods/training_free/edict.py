@@ -53,9 +53,9 @@ from editeval.core.registry import EditInputs, MethodCard, MethodOutput, Paper, 
 from editeval.data.samples import TASKS
 from editeval.diffusion.ddim import (
     Reconstruction,
-    _levels,
     ddim_scheduler,
     ddim_step,
+    noise_levels,
     predict_noise,
 )
 from editeval.diffusion.inversion_cache import cached_inversion, inversion_key
@@ -92,7 +92,7 @@ def _steps(scheduler: Any, num_steps: int | None) -> list[tuple[torch.Tensor, to
     if not 1 <= num_steps <= count:
         raise ValueError(f"num_steps must be in [1, {count}] (the scheduler's steps), "
                          f"got {num_steps}")
-    _, alphas = _levels(scheduler)
+    _, alphas = noise_levels(scheduler)
     return [(scheduler.timesteps[k], alphas[count - k].double(), alphas[count - k - 1].double())
             for k in range(count - num_steps, count)]
 
