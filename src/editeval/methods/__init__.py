@@ -3,17 +3,18 @@
 Importing this package registers them (see :mod:`editeval.core.registry`).
 """
 
+# noqa: F401 throughout: importing a module registers its method
 from editeval.methods.test_time_finetuning import null_text  # noqa: F401
 from editeval.methods.training_based import instructpix2pix  # noqa: F401
-from editeval.methods.training_free import (  # noqa: F401  # noqa: F401
-    aidi,  # noqa: F401
-    ddpm_inversion,  # noqa: F401
+from editeval.methods.training_free import (  # noqa: F401
+    aidi,
+    ddpm_inversion,
     direct_inversion,
-    edict,  # noqa: F401
+    edict,
     masactrl,
     negative_prompt_inversion,
     pnp,
     prompt_to_prompt,
     proxedit,
-    sdedit,  # noqa: F401
+    sdedit,
 )
