@@ -278,6 +278,7 @@ def methods(
             ("paper", str(card.paper)),
             ("strategy", f"{card.strategy} / {card.subcategory or '(not in the survey list)'}"),
             ("needs", f"{', '.join(card.inputs)}  (model kind: {card.model_kind})"),
+            ("optional", ", ".join(card.optional_inputs)),
             ("tasks", ", ".join(card.tasks)),
             ("defaults", ", ".join(f"{k}={v}" for k, v in card.defaults.items())),
             ("NFE per edit", card.nfe_formula),
