@@ -123,9 +123,11 @@ Every method, run with its paper's defaults on the toy models (`--model {args.mo
 first {args.per_task} samples of each `editeval-toy` task, judged by the oracle against exact ground
 truth. Success: the oracle reads every edited attribute as the target says (%, per task and the mean
 of the 7 tasks). Unedited PSNR: the region outside the edit mask against the ground-truth target
-(style change, whose mask is the whole image, is left out). NFE: UNet evaluations per edit, a
-classifier-free-guidance batch of 2 counting 2. Seconds: wall time per edit on this machine
-({platform.processor() or platform.machine()}, CPU).
+(style change, whose mask is the whole image, is left out). NFE: UNet evaluations per edit as
+spent in this run, a classifier-free-guidance batch of 2 counting 2; methods of one run share
+their inversions through the run's inversion cache, so a method whose inversion another method
+already computed spends less than its card's formula (`editeval methods`). Seconds: wall time per
+edit on this machine ({platform.processor() or platform.machine()}, CPU, one torch thread).
 
 Produced by `{command}` on {datetime.date.today().isoformat()}.
 
