@@ -183,7 +183,9 @@ def test_structure_distance_zero_positive_symmetric():
     d = vit.distance([a, a, b, a, c], [a, b, a, c, a])
     assert d[0] == 0.0
     assert d[1] > 0 and d[3] > 0
-    assert d[1] == pytest.approx(d[2], rel=1e-12) and d[3] == pytest.approx(d[4], rel=1e-12)
+    # symmetric up to float32 rounding (the ViT runs in float32; with several torch threads a
+    # batch position can round differently: measured 7e-9 relative on 2 threads)
+    assert d[1] == pytest.approx(d[2], rel=1e-6) and d[3] == pytest.approx(d[4], rel=1e-6)
     assert vit.name == "tiny-dino"
     tokens = (vit.vit.config.image_size // vit.vit.config.patch_size) ** 2 + 1
     assert vit.self_similarity([a]).shape == (1, tokens, tokens)
