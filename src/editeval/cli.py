@@ -74,7 +74,7 @@ def edit(
     target_prompt: Annotated[str, typer.Option(help="Caption of the wanted result.")] = "",
     instruction: Annotated[str, typer.Option(help="Edit instruction (instruction-based methods).")] = "",
     mask: Annotated[Path | None, typer.Option(help="Edit-region mask, white = edit.")] = None,
-    model: Annotated[str, typer.Option(help="Suite (sd15, sd21, sdxl, tiny), short name, local path or hub id.")] = "sd15",
+    model: Annotated[str, typer.Option(help="Suite (sd15, sd21, sdxl, toy, tiny), short name, local path or hub id; toy is shipped and runs offline.")] = "sd15",
     seed: Annotated[int, typer.Option(help="Random seed; equal seeds give equal edits on the CPU.")] = 0,
     param: Annotated[list[str], typer.Option("--param", "-p", help="Method parameter NAME=VALUE, repeatable (e.g. -p strength=0.6).")] = [],
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ...; default cuda when available.")] = None,

@@ -62,7 +62,8 @@ def _not_available(checkpoint: str, reason: str, *, is_hub_id: bool) -> ModelNot
     )
     return ModelNotAvailableError(
         f"model {checkpoint!r} is not available: {reason}. To fix: {how}; without any weights, "
-        f"use --model tiny (random weights, for plumbing only)."
+        f"use --model toy (shipped, trained on the toy world: real edits of toy scenes) or --model "
+        "tiny (random weights, for plumbing only)."
     )
 
 
