@@ -30,6 +30,31 @@ _FLAGS = {
 }
 
 
+# UNet input channels of each model kind, and how to get the right checkpoint
+_KIND_CHANNELS = {
+    "text-to-image": (4, "a text-to-image model", "use a suite name (--model sd15) or a "
+                      "text-to-image checkpoint, not an instruction or inpainting one"),
+    "instruction": (8, "an instruction model", "use a suite's instruction checkpoint "
+                    "(--model sd15) or an InstructPix2Pix checkpoint"),
+    "inpainting": (9, "an inpainting model", "use a suite's inpainting checkpoint (--model sd15) "
+                   "or an inpainting checkpoint"),
+}
+
+
+def check_model_kind(pipe: Any, method: str, model_kind: str) -> None:
+    """Refuse a pipeline whose UNet is not of ``model_kind`` (told apart by its input channels).
+
+    Raises:
+        EditInputError: the UNet has another number of input channels; the message says which
+            checkpoint to use.
+    """
+    channels, label, fix = _KIND_CHANNELS[model_kind]
+    got = pipe.unet.config.in_channels
+    if got != channels:
+        raise EditInputError(f"{method} needs {label} ({channels}-channel UNet), got a "
+                             f"{got}-channel one: {fix}")
+
+
 def model_resolution(pipe: Any) -> int:
     """The pipeline's native image side in pixels (UNet sample size times the VAE factor)."""
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
@@ -94,7 +119,7 @@ def edit(
 
     Raises:
         KeyError: unknown method. ValueError: unknown or ill-typed parameter.
-        EditInputError: a required input is missing. ImageLoadError / MaskError: unreadable inputs.
+        EditInputError: a required input is missing, or ``pipe`` is not of the method's model kind. ImageLoadError / MaskError: unreadable inputs.
         ModelNotAvailableError: the model cannot be loaded.
     """
     registered = get_method(method)
@@ -108,6 +133,7 @@ def edit(
         from editeval.models import load_pipeline
 
         pipe = load_pipeline(model, card.model_kind, device=device, dtype=dtype)
+    check_model_kind(pipe, card.name, card.model_kind)
     inputs, geometry = prepare_inputs(request, model_resolution(pipe), card.inputs,
                                       inversion_cache, card.optional_inputs)
     generator = torch.Generator("cpu").manual_seed(request.seed)

@@ -20,19 +20,9 @@ from editeval.diffusion.inversion_cache import cached_inversion, inversion_key
 from editeval.diffusion.latents import encode_image, encode_prompt
 
 
-def check_text_to_image(pipe: Any, method: str) -> None:
-    """Raise ``ValueError`` unless ``pipe`` has a 4-channel (text-to-image) UNet."""
-    channels = pipe.unet.config.in_channels
-    if channels != 4:
-        raise ValueError(
-            f"{method} needs a text-to-image model (4-channel UNet), got a {channels}-channel one: "
-            "use a suite name (--model sd15) or a text-to-image checkpoint"
-        )
-
-
 @torch.no_grad()
 def invert_unconditional(pipe: Any, inputs: EditInputs, num_inference_steps: int,
-                  inversion_steps: int) -> tuple[list[torch.Tensor], bool]:
+                         inversion_steps: int) -> tuple[list[torch.Tensor], bool]:
     """DDIM inversion of ``inputs.image`` under the empty prompt, without guidance, cached.
 
     Inverts with ``inversion_steps`` steps and keeps the latents at the ``num_inference_steps``

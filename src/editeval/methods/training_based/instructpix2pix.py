@@ -45,12 +45,6 @@ def instructpix2pix(pipe: Any, inputs: EditInputs, generator: torch.Generator, *
                     num_inference_steps: int, guidance_scale: float,
                     image_guidance_scale: float) -> MethodOutput:
     """Edit ``inputs.image`` following ``inputs.instruction`` (see the module docstring)."""
-    if pipe.unet.config.in_channels != 8:
-        raise ValueError(
-            "instructpix2pix needs an instruction model (8-channel UNet), got a "
-            f"{pipe.unet.config.in_channels}-channel one: use a suite's instruction checkpoint "
-            "(--model sd15) or an InstructPix2Pix checkpoint"
-        )
     image = pipe(
         prompt=inputs.instruction,
         image=inputs.image,

@@ -244,12 +244,6 @@ def aidi(pipe: Any, inputs: EditInputs, generator: torch.Generator, *, num_infer
          num_fixed_point_iterations: int, anderson_memory: int, guidance_scale: float,
          blend_threshold: float) -> MethodOutput:
     """Edit ``inputs.image`` from its source prompt towards its target prompt (see the module)."""
-    if pipe.unet.config.in_channels != 4:
-        raise ValueError(
-            f"aidi needs a text-to-image model (4-channel UNet), got a "
-            f"{pipe.unet.config.in_channels}-channel one: use a suite name (--model sd15) or a "
-            "text-to-image checkpoint, not an instruction or inpainting one"
-        )
     if num_inference_steps < 1:
         raise ValueError(f"aidi: num_inference_steps must be >= 1, got {num_inference_steps}")
     if num_fixed_point_iterations < 1:

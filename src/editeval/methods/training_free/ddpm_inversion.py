@@ -155,12 +155,6 @@ def ddpm_inversion(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
                    num_inference_steps: int, source_guidance_scale: float, guidance_scale: float,
                    skip: int) -> MethodOutput:
     """Edit ``inputs.image`` from its source prompt towards its target prompt (see the module)."""
-    if pipe.unet.config.in_channels != 4:
-        raise ValueError(
-            f"ddpm-inversion needs a text-to-image model (4-channel UNet), got a "
-            f"{pipe.unet.config.in_channels}-channel one: use a suite name (--model sd15) or a "
-            "text-to-image checkpoint, not an instruction or inpainting one"
-        )
     if num_inference_steps < 1:
         raise ValueError(f"ddpm-inversion: num_inference_steps must be >= 1, got "
                          f"{num_inference_steps}")

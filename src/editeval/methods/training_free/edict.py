@@ -190,12 +190,6 @@ def edict_reconstruct(pipe: Any, image: Image.Image, prompt: str = "",
 def edict(pipe: Any, inputs: EditInputs, generator: torch.Generator, *, num_inference_steps: int,
           guidance_scale: float, mix_weight: float, init_image_strength: float) -> MethodOutput:
     """Edit ``inputs.image`` from its source prompt towards its target prompt (see the module)."""
-    if pipe.unet.config.in_channels != 4:
-        raise ValueError(
-            f"edict needs a text-to-image model (4-channel UNet), got a "
-            f"{pipe.unet.config.in_channels}-channel one: use a suite name (--model sd15) or a "
-            "text-to-image checkpoint, not an instruction or inpainting one"
-        )
     _check_mix_weight(mix_weight)
     if not 0.0 < init_image_strength <= 1.0:
         raise ValueError(f"edict: init_image_strength must be in (0, 1], got {init_image_strength}")

@@ -66,7 +66,6 @@ from editeval.diffusion.attention import AttentionCall, AttentionController, con
 from editeval.diffusion.ddim import ddim_scheduler
 from editeval.diffusion.latents import decode_latents, encode_prompt
 from editeval.diffusion.source_branch import (
-    check_text_to_image,
     denoise_with_source_branch,
     invert_unconditional,
 )
@@ -174,7 +173,6 @@ def masactrl(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
     (1, 4, h, w) ``source_latents`` (the source branch: the reconstruction) and ``latents``.
     Deterministic: ``generator`` is unused.
     """
-    check_text_to_image(pipe, "masactrl")
     if start_step < 0:
         raise ValueError(f"masactrl: start_step must be >= 0, got {start_step}")
     layers = masactrl_layers(pipe.unet, start_layer)

@@ -56,7 +56,6 @@ from editeval.diffusion.attention import AttentionCall, AttentionController, con
 from editeval.diffusion.ddim import ddim_scheduler
 from editeval.diffusion.latents import decode_latents, encode_prompt
 from editeval.diffusion.source_branch import (
-    check_text_to_image,
     denoise_with_source_branch,
     invert_unconditional,
 )
@@ -177,7 +176,6 @@ def plug_and_play(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
     clean (1, 4, h, w) ``latents``.
     Deterministic: ``generator`` is unused.
     """
-    check_text_to_image(pipe, "pnp")
     for name, value in (("feature_injection", feature_injection),
                         ("attention_injection", attention_injection)):
         if not 0.0 <= value <= 1.0:

@@ -176,13 +176,9 @@ def run_prompt_to_prompt(pipe: Any, inputs: EditInputs, *, inversion: str,
     ``null_text_iterations`` (null-text optimisation iterations; 0 for other inversions).
 
     Raises:
-        ValueError: a parameter out of range, a non-4-channel UNet, a prompt longer than the text
+        ValueError: a parameter out of range, a prompt longer than the text
             encoder takes, or an equalizer word missing from the target prompt.
     """
-    if pipe.unet.config.in_channels != 4:
-        raise ValueError(f"{method} needs a text-to-image model (4-channel UNet), got a "
-                         f"{pipe.unet.config.in_channels}-channel one: use a suite name "
-                         "(--model sd15) or a text-to-image checkpoint")
     if inversion not in INVERSIONS:
         raise ValueError(f"{method}: inversion must be one of {', '.join(INVERSIONS)}, "
                          f"got {inversion!r}")

@@ -60,12 +60,6 @@ def _img2img(pipe: Any):
 def sdedit(pipe: Any, inputs: EditInputs, generator: torch.Generator, *, strength: float,
            num_inference_steps: int, guidance_scale: float, eta: float) -> MethodOutput:
     """Edit ``inputs.image`` towards ``inputs.target_prompt`` (see the module docstring)."""
-    if pipe.unet.config.in_channels != 4:
-        raise ValueError(
-            f"sdedit needs a text-to-image model (4-channel UNet), got a "
-            f"{pipe.unet.config.in_channels}-channel one: use a suite name (--model sd15) or a "
-            "text-to-image checkpoint, not an instruction or inpainting one"
-        )
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"sdedit: strength must be in (0, 1], got {strength}")
     if int(num_inference_steps * strength) < 1:
