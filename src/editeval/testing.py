@@ -25,6 +25,7 @@ import gzip
 import json
 import os
 import shutil
+from collections.abc import Callable
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -215,16 +216,25 @@ def build_tiny_vlm(path: str | os.PathLike) -> Path:
 @lru_cache(maxsize=None)
 def tiny_checkpoint(kind: str) -> Path:
     """Path of the saved tiny checkpoint of ``kind`` ("sd", "ip2p" or "vlm"), built on first use."""
+    builders = {"sd": build_tiny_sd, "ip2p": build_tiny_ip2p, "vlm": build_tiny_vlm}
+    return build_once(cache_dir() / "tiny" / f"v{TINY_VERSION}" / kind, "model_index.json",
+                      builders[kind])
+
+
+def build_once(path: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """``path``, built by ``build(folder)`` unless ``path / marker`` exists; safe across processes.
+
+    The folder is built under a temporary name and renamed into place, so a half-built model is
+    never seen under ``path``; when another process finished first, its copy is kept.
+    """
     from editeval.models.loading import quiet_progress_bars
 
-    builders = {"sd": build_tiny_sd, "ip2p": build_tiny_ip2p, "vlm": build_tiny_vlm}
-    path = cache_dir() / "tiny" / f"v{TINY_VERSION}" / kind
-    if not (path / "model_index.json").exists():
-        tmp = path.with_name(f"{kind}.tmp{os.getpid()}")
+    if not (path / marker).exists():
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         with quiet_progress_bars():
-            builders[kind](tmp)
+            build(tmp)
         try:
-            tmp.replace(path)  # atomic: a half-built checkpoint is never seen under ``path``
+            tmp.replace(path)
         except OSError:  # another process finished first
             shutil.rmtree(tmp)
     return path

@@ -13,7 +13,6 @@ golden-value tests, never for quality claims. Saved under ``editeval.testing.cac
 from __future__ import annotations
 
 import os
-import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -72,19 +71,10 @@ def tiny_backbone(kind: str) -> Path:
     Raises:
         ValueError: unknown ``kind``.
     """
-    from editeval.models.loading import quiet_progress_bars
-    from editeval.testing import cache_dir
+    from editeval.testing import build_once, cache_dir
 
     builders = {"clip": build_tiny_clip, "dino": build_tiny_dino}
     if kind not in builders:
         raise ValueError(f"unknown tiny backbone {kind!r}; expected one of {', '.join(builders)}")
-    path = cache_dir() / "tiny" / f"metrics-v{TINY_BACKBONE_VERSION}" / kind
-    if not (path / "config.json").exists():
-        tmp = path.with_name(f"{kind}.tmp{os.getpid()}")
-        with quiet_progress_bars():
-            builders[kind](tmp)
-        try:
-            tmp.replace(path)  # atomic: a half-built backbone is never seen under ``path``
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp)
-    return path
+    return build_once(cache_dir() / "tiny" / f"metrics-v{TINY_BACKBONE_VERSION}" / kind,
+                      "config.json", builders[kind])
