@@ -28,7 +28,7 @@ SCENE = Scene("sand", 7, (
     ToyObject("square", "blue", "plain", "small", "middle", 0.4),
     ToyObject("triangle", "green", "dotted", "large", "right", 0.6, "down"),
 ), "night")
-DIGEST = "d83d5a63eea2547f"  # sha256 of render(SCENE) in toy world version 1
+DIGEST = "e4267d966134a5b0"  # sha256 of render(SCENE) in toy world version 2
 
 
 def test_world_size():

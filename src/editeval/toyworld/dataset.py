@@ -21,7 +21,7 @@ from editeval.toyworld.oracle import EditScore, psnr, score_edit
 from editeval.toyworld.pairs import sample_pair
 from editeval.toyworld.scenes import Scene
 
-SPLIT_VERSION = 1
+SPLIT_VERSION = 2
 SPLIT_SEED = 20261129
 PAIRS_PER_TASK = 30
 

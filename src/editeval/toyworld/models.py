@@ -49,10 +49,12 @@ def export(work: Path, out: Path = WEIGHTS) -> None:
     from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTextModel
 
     from editeval.testing import clip_tokenizer
-    from editeval.toyworld.training import SCHEDULE, latent_scale, new_clip, new_unet, new_vae
+    from editeval.toyworld.training import (
+        SCHEDULE, latent_scale, load_weights, new_clip, new_unet, new_vae,
+    )
 
     def load(model, name):
-        model.load_state_dict(torch.load(work / f"{name}.ckpt", weights_only=False)["model"])
+        load_weights(model, work / f"{name}.ckpt")
         return model.eval()
 
     vae = load(new_vae(), "vae_decoder" if (work / "vae_decoder.ckpt").exists() else "vae")

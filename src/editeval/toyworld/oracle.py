@@ -2,8 +2,9 @@
 
 Parsing uses classical vision on the known palette, in this order:
 
-1. Style. *pixel* when neighbouring pixels inside the 2x2 blocks of the 32x32 grid differ far less
-   than pixels across block borders (ratio < 0.5); *night* when the median luminance is below 110
+1. Style. *pixel* when, along x and along y each, neighbouring pixels inside the 2x2 blocks of the
+   32x32 grid differ far less than pixels across block borders (ratio < 0.5; one axis alone is not
+   enough: stripes are blocky along y); *night* when the median luminance is below 110
    (photo scenes: 130 and above; night: 90 and below); else *photo*. A night image is un-styled by
    inverting its gain and tint before colours are read.
 2. Objects: pixels whose saturation (max - min) / max exceeds 0.6 (backgrounds stay below 0.5,
@@ -102,11 +103,12 @@ def detect_style(image: np.ndarray) -> str:
     side = image.shape[0]
     block = max(1, side // 32)
     if block >= 2:
-        within = (np.abs(pixels[:, 1::block] - pixels[:, 0::block]).mean()
-                  + np.abs(pixels[1::block] - pixels[0::block]).mean())
-        across = (np.abs(pixels[:, block::block] - pixels[:, block - 1:-1:block]).mean()
-                  + np.abs(pixels[block::block] - pixels[block - 1:-1:block]).mean())
-        if within < 0.5 * across:
+        blocky = []
+        for rows in (pixels, pixels.swapaxes(0, 1)):  # along x, then along y
+            within = np.abs(rows[:, 1::block] - rows[:, 0::block]).mean()
+            across = np.abs(rows[:, block::block] - rows[:, block - 1:-1:block]).mean()
+            blocky.append(within < 0.5 * across)
+        if all(blocky):
             return "pixel"
     luminance = pixels @ np.array([0.299, 0.587, 0.114])
     return "night" if np.median(luminance) < 110 else "photo"

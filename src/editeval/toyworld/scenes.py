@@ -12,6 +12,10 @@ standing or lying). Backgrounds are pale and desaturated (sky, grass, sand, snow
 pixels are told apart by saturation. Styles: ``photo`` (as rendered), ``night`` (darkened with a
 blue tint), ``pixel`` (pixel art: 2x2-pixel blocks at 64 px, i.e. a 32x32 grid at any size).
 
+Scale: objects are 13 to 19 px across at 64 px and patterns have an 8 px period, so that a small
+VAE with SD's factor 8 (one latent cell per 8x8 pixels, aligned with the pattern
+grid) can reproduce shapes, colours and textures; at smaller scales its reconstructions lose them.
+
 Rendering draws at 4x the output size and box-filters down (anti-aliasing); the style is applied
 last, per pixel (night) or per block (pixel).
 """
@@ -32,7 +36,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (135, 45, 175),
 }
 TEXTURES = ("plain", "striped", "dotted")
-SIZES = {"small": 0.085, "large": 0.13}  # object radius as a fraction of the image side
+SIZES = {"small": 0.105, "large": 0.145}  # object radius as a fraction of the image side
 # Objects never cross these x boundaries (fractions of the side), so each slot is a column band.
 SLOT_BANDS = {"left": (0.0, 0.35), "middle": (0.35, 0.65), "right": (0.65, 1.0)}
 SLOTS = {"left": 0.2, "middle": 0.5, "right": 0.8}  # object centre x as a fraction of the side
@@ -184,7 +188,7 @@ def footprint(obj: ToyObject, side: int) -> np.ndarray:
         half = 0.85 * r
         return (np.abs(dx) <= half) & (np.abs(dy) <= half)
     if obj.shape == "diamond":
-        return np.abs(dx) + np.abs(dy) <= 1.1 * r
+        return np.abs(dx) + np.abs(dy) <= r
     if obj.shape == "ellipse":
         a, b = (r, r / 2) if obj.pose == "lying" else (r / 2, r)
         return (dx / a) ** 2 + (dy / b) ** 2 <= 1
@@ -199,7 +203,7 @@ def footprint(obj: ToyObject, side: int) -> np.ndarray:
 def pattern(texture: str, side: int) -> np.ndarray:
     """Boolean (side, side): where a textured object shows its darker shade."""
     y, x = (np.mgrid[0:side, 0:side] + 0.5) / side
-    period = 6 / 64  # 6 px at 64 px
+    period = 8 / 64  # 8 px at 64 px: one latent cell of SD's factor-8 VAE
     if texture == "plain":
         return np.zeros((side, side), dtype=bool)
     if texture == "striped":

@@ -1,12 +1,13 @@
 """Training the toy world's models, with Stable Diffusion's architecture, on 2 CPU cores.
 
     python -m editeval.toyworld.training data  --work toy_training
-    python -m editeval.toyworld.training vae   --work toy_training --steps 3000
-    python -m editeval.toyworld.training decoder --work toy_training --steps 3000
-    python -m editeval.toyworld.training clip  --work toy_training --steps 3000
-    python -m editeval.toyworld.training unet  --work toy_training --steps 5000
-    python -m editeval.toyworld.training ip2p  --work toy_training --steps 5000
+    python -m editeval.toyworld.training vae   --work toy_training --steps 4000 --threads 2
+    python -m editeval.toyworld.training clip  --work toy_training --steps 2500
+    python -m editeval.toyworld.training unet  --work toy_training --steps 3000 --threads 2
+    python -m editeval.toyworld.training ip2p  --work toy_training --steps 2500 --threads 2
     python -m editeval.toyworld.training export --work toy_training
+
+(``decoder`` optionally fine-tunes the VAE's decoder alone, any time after ``vae``.)
 
 Each stage is reproducible from ``--seed``, shows a progress bar, writes a checkpoint (model,
 optimiser, step, random state) at least every ``--checkpoint-seconds`` and resumes from it when run
@@ -14,17 +15,17 @@ again, so a killed run loses at most that much work. ``export`` writes the diffu
 (model_index.json + safetensors, fp16) that the ``toy`` model suite loads.
 
 Models:
-- AutoencoderKL: 64x64x3 <-> 8x8x4 (SD's factor 8), trained with MSE plus a small KL term
-  (weight 1e-6); the latent scaling factor is 1 / std of the training latents, as SD's 0.18215.
+- AutoencoderKL: 64x64x3 <-> 8x8x4 (SD's factor 8), trained with MSE (object pixels weighted 5x)
+  plus a small KL term (weight 1e-6); the latent scaling factor is 1 / std of the training latents, as SD's 0.18215.
   Then its decoder alone is fine-tuned with the encoder frozen (``decoder``), which sharpens
   reconstructions and keeps the latent space the UNets learn on.
 - CLIP (text and image towers, the real CLIP BPE tokenizer), trained contrastively on captions.
 - UNet2DConditionModel on the frozen CLIP text tower, SD's noise schedule (scaled_linear,
   0.00085..0.012, 1000 steps), epsilon prediction, 10% caption dropout for classifier-free guidance.
 - InstructPix2Pix-style UNet (8 input channels: noisy latents + source latents) on instruction
-  text, with the paper's conditioning dropout (5% text, 5% image, 5% both). Deviation from the
-  paper: trained from scratch in parallel with the text-to-image UNet instead of initialised from
-  it, to fit the training budget.
+  text, initialised as in the paper from the text-to-image UNet (``unet.ckpt``, so run ``unet``
+  first) with the new input channels zero, with the paper's conditioning dropout (5% text, 5%
+  image, 5% both).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -45,6 +47,7 @@ from editeval.toyworld.scenes import render, sample_scene
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                 beta_schedule="scaled_linear")
 TEXT_DIM = 64
+OBJECT_WEIGHT = 5.0  # weight of object pixels in the VAE's reconstruction loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,7 +85,9 @@ def new_unet(in_channels: int):
         block_out_channels=(64, 128, 128),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_DIM, attention_head_dim=32, norm_num_groups=32,
+        # diffusers reads ``attention_head_dim`` as the number of heads (its issue #2011), as SD
+        # 1.5's config does (8 heads): 4 heads of width 16 / 32 here
+        cross_attention_dim=TEXT_DIM, attention_head_dim=4, norm_num_groups=32,
     )
 
 
@@ -91,18 +96,51 @@ def new_unet(in_channels: int):
 # ----------------------------------------------------------------------------------------------
 
 
-class Checkpointed:
-    """A model + AdamW optimiser whose state is saved atomically and restored on start."""
+def model_config(model: torch.nn.Module) -> dict:
+    """The architecture of a diffusers or transformers model, as plain JSON values."""
+    config = model.config
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+    return json.loads(json.dumps(config, default=str))
 
-    def __init__(self, path: Path, model: torch.nn.Module, lr: float, seed: int) -> None:
-        self.path, self.model = path, model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+
+def load_weights(model: torch.nn.Module, path: Path) -> dict:
+    """Load the checkpoint ``path`` into ``model``; returns the whole checkpoint.
+
+    Raises:
+        ValueError: the checkpoint records another architecture, or none (the weights of a model
+            with the same tensor shapes but, say, another number of attention heads would load
+            silently and compute something else).
+    """
+    state = torch.load(path, weights_only=False)
+    expected, stored = model_config(model), state.get("config")
+    if stored != expected:
+        differs = ("not recorded" if stored is None else
+                   ", ".join(k for k in expected if stored.get(k) != expected[k]))
+        raise ValueError(f"{path} was trained with another model architecture ({differs}); "
+                         "train into a new --work folder or delete the checkpoint")
+    model.load_state_dict(state["model"])
+    return state
+
+
+class Checkpointed:
+    """A model + AdamW optimiser whose state is saved atomically and restored on start.
+
+    ``build`` makes the model after torch is seeded with ``seed``, so the initial weights depend on
+    the seed alone.
+    """
+
+    def __init__(self, path: Path, build: Callable[[], torch.nn.Module], lr: float,
+                 seed: int) -> None:
+        torch.manual_seed(seed)
+        self.path, self.lr = path, lr
+        self.model = model = build()
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
         self.step = 0
         self.rng = np.random.default_rng(seed)
-        torch.manual_seed(seed)
         if path.exists():
-            state = torch.load(path, weights_only=False)
-            model.load_state_dict(state["model"])
+            state = load_weights(model, path)
             self.optimizer.load_state_dict(state["optimizer"])
             self.step = state["step"]
             self.rng.bit_generator.state = state["numpy_rng"]
@@ -111,20 +149,25 @@ class Checkpointed:
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        torch.save({"model": self.model.state_dict(), "config": model_config(self.model),
+                    "optimizer": self.optimizer.state_dict(),
                     "step": self.step, "numpy_rng": self.rng.bit_generator.state,
                     "torch_rng": torch.get_rng_state()}, tmp)
         os.replace(tmp, self.path)
         self._saved_at = time.monotonic()
 
     def train(self, steps: int, loss_fn, every_seconds: float, desc: str) -> None:
-        """Run ``loss_fn(rng) -> loss`` until ``steps``, with a cosine-decayed learning rate."""
-        base = [g["lr"] for g in self.optimizer.param_groups]
+        """Run ``loss_fn(rng) -> loss`` until ``steps``, with a cosine-decayed learning rate.
+
+        The rate of each step is computed from the constructor's ``lr`` and the step alone (not
+        read back from the optimiser, whose saved state holds the last step's decayed rate), so a
+        resumed run continues the schedule exactly.
+        """
         bar = tqdm(total=steps, initial=self.step, desc=desc, mininterval=10, smoothing=0.05)
         while self.step < steps:
             scale = 0.5 * (1 + np.cos(np.pi * self.step / steps)) * min(1.0, (self.step + 1) / 200)
-            for group, lr in zip(self.optimizer.param_groups, base):
-                group["lr"] = lr * scale
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr * scale
             loss = loss_fn(self.rng)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -135,8 +178,6 @@ class Checkpointed:
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             if time.monotonic() - self._saved_at > every_seconds:
                 self.save()
-        for group, lr in zip(self.optimizer.param_groups, base):
-            group["lr"] = lr
         self.save()
         bar.close()
 
@@ -169,15 +210,25 @@ def _pixels(batch: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def _reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """MSE with object pixels (saturation above 0.5; backgrounds stay below) weighted
+    ``OBJECT_WEIGHT``: they cover a tenth of an image and carry every attribute the oracle reads."""
+    rgb = (x + 1) / 2
+    high = rgb.amax(1, keepdim=True)
+    saturated = (high - rgb.amin(1, keepdim=True)) / high.clamp(min=1e-3) > 0.5
+    weight = 1 + (OBJECT_WEIGHT - 1) * saturated.float()
+    return (weight * (recon - x) ** 2).mean() / weight.mean()
+
+
 def train_vae(work: Path, steps: int, seed: int, every: float, batch: int = 32) -> None:
     images = np.load(work / "scenes.npy")
-    run = Checkpointed(work / "vae.ckpt", new_vae(), lr=1e-3, seed=seed)
+    run = Checkpointed(work / "vae.ckpt", new_vae, lr=1e-3, seed=seed)
 
     def loss_fn(rng):
         x = _pixels(images[rng.integers(0, len(images), batch)])
         posterior = run.model.encode(x).latent_dist
         recon = run.model.decode(posterior.sample()).sample
-        return F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        return _reconstruction_loss(recon, x) + 1e-6 * posterior.kl().mean()
 
     run.train(steps, loss_fn, every, "vae")
 
@@ -189,17 +240,21 @@ def train_decoder(work: Path, steps: int, seed: int, every: float, batch: int = 
     without retraining anything downstream.
     """
     images = np.load(work / "scenes.npy")
-    vae = new_vae()
-    vae.load_state_dict(torch.load(work / "vae.ckpt", weights_only=False)["model"])
-    for module in (vae.encoder, vae.quant_conv):
-        module.requires_grad_(False)
-    run = Checkpointed(work / "vae_decoder.ckpt", vae, lr=3e-4, seed=seed)
+
+    def build():
+        vae = new_vae()
+        load_weights(vae, work / "vae.ckpt")
+        for module in (vae.encoder, vae.quant_conv):
+            module.requires_grad_(False)
+        return vae
+
+    run = Checkpointed(work / "vae_decoder.ckpt", build, lr=3e-4, seed=seed)
 
     def loss_fn(rng):
         x = _pixels(images[rng.integers(0, len(images), batch)])
         with torch.no_grad():
             latents = run.model.encode(x).latent_dist.sample()
-        return F.mse_loss(run.model.decode(latents).sample, x)
+        return _reconstruction_loss(run.model.decode(latents).sample, x)
 
     run.train(steps, loss_fn, every, "decoder")
 
@@ -215,7 +270,7 @@ def train_clip(work: Path, steps: int, seed: int, every: float, batch: int = 128
     images = np.load(work / "scenes.npy")
     captions = json.loads((work / "captions.json").read_text())
     tokenizer = clip_tokenizer()
-    run = Checkpointed(work / "clip.ckpt", new_clip(), lr=5e-4, seed=seed)
+    run = Checkpointed(work / "clip.ckpt", new_clip, lr=5e-4, seed=seed)
 
     def loss_fn(rng):
         index = rng.integers(0, len(images), batch)
@@ -232,8 +287,8 @@ def _frozen(work: Path):
     from editeval.testing import clip_tokenizer
 
     vae, clip = new_vae(), new_clip()
-    vae.load_state_dict(torch.load(work / "vae.ckpt", weights_only=False)["model"])
-    clip.load_state_dict(torch.load(work / "clip.ckpt", weights_only=False)["model"])
+    load_weights(vae, work / "vae.ckpt")
+    load_weights(clip, work / "clip.ckpt")
     for model in (vae, clip):
         model.eval().requires_grad_(False)
     return vae, clip, clip_tokenizer()
@@ -280,7 +335,7 @@ def train_unet(work: Path, steps: int, seed: int, every: float, batch: int = 64)
     texts = _cached(work / "caption_states.pt", lambda: _text_states(clip, tokenizer, captions))
     empty = _text_states(clip, tokenizer, [""]).float()
     noise_scheduler = DDPMScheduler(**SCHEDULE)
-    run = Checkpointed(work / "unet.ckpt", new_unet(4), lr=3e-4, seed=seed)
+    run = Checkpointed(work / "unet.ckpt", lambda: new_unet(4), lr=3e-4, seed=seed)
 
     def loss_fn(rng):
         index = torch.from_numpy(rng.integers(0, len(latents), batch))
@@ -294,6 +349,17 @@ def train_unet(work: Path, steps: int, seed: int, every: float, batch: int = 64)
         return F.mse_loss(run.model(noisy, t, encoder_hidden_states=cond).sample, noise)
 
     run.train(steps, loss_fn, every, "unet")
+
+
+def instruction_unet_from(t2i) -> torch.nn.Module:
+    """InstructPix2Pix's initialisation: the text-to-image UNet with 4 more input channels (the
+    source latents) whose weights are zero, so it starts as the text-to-image model."""
+    weights = t2i.state_dict()
+    conv_in = weights["conv_in.weight"]
+    weights["conv_in.weight"] = torch.cat([conv_in, torch.zeros_like(conv_in)], dim=1)
+    unet = new_unet(8)
+    unet.load_state_dict(weights)
+    return unet
 
 
 def train_ip2p(work: Path, steps: int, seed: int, every: float, batch: int = 64) -> None:
@@ -310,7 +376,12 @@ def train_ip2p(work: Path, steps: int, seed: int, every: float, batch: int = 64)
                     lambda: _text_states(clip, tokenizer, instructions))
     empty = _text_states(clip, tokenizer, [""]).float()
     noise_scheduler = DDPMScheduler(**SCHEDULE)
-    run = Checkpointed(work / "ip2p.ckpt", new_unet(8), lr=3e-4, seed=seed)
+    def build():
+        t2i = new_unet(4)
+        load_weights(t2i, work / "unet.ckpt")
+        return instruction_unet_from(t2i)
+
+    run = Checkpointed(work / "ip2p.ckpt", build, lr=1e-4, seed=seed)
 
     def loss_fn(rng):
         index = torch.from_numpy(rng.integers(0, len(targets), batch))
