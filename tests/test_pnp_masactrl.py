@@ -228,7 +228,8 @@ def test_pnp_with_the_source_prompt_stays_close_to_the_source():
     # On the trained toy model (the tiny one is random, so its features carry no structure):
     # sampling the source's own caption without guidance, injection over all steps brings the
     # output closer to the source than the same sampling without injection.
-    # Measured: relative latent error 0.19 with injection, 0.28 without; 24.3 dB.
+    # Measured: relative latent error 0.210 with injection, 0.234 without, 28.9 dB (world
+    # version 1 weights: 0.19 and 0.28, 24.3 dB).
     from editeval.data import load_dataset
     from editeval.models import load_pipeline
     from editeval.toyworld.oracle import psnr
@@ -245,5 +246,5 @@ def test_pnp_with_the_source_prompt_stays_close_to_the_source():
         edited = out.intermediates["latents"]
         errors[injection] = float((edited - latents).norm() / latents.norm())
         images[injection] = np.asarray(out.image)
-    assert errors[1.0] < 0.22 and errors[1.0] < 0.8 * errors[0.0]
-    assert psnr(images[1.0], np.asarray(source)) > 23.5
+    assert errors[1.0] < 0.22 and errors[1.0] < 0.95 * errors[0.0]
+    assert psnr(images[1.0], np.asarray(source)) > 27.5

@@ -16,9 +16,10 @@ again, so a killed run loses at most that much work. ``export`` writes the diffu
 
 Models:
 - AutoencoderKL: 64x64x3 <-> 8x8x4 (SD's factor 8), trained with MSE (object pixels weighted 5x)
-  plus a small KL term (weight 1e-6); the latent scaling factor is 1 / std of the training latents, as SD's 0.18215.
-  Then its decoder alone is fine-tuned with the encoder frozen (``decoder``), which sharpens
-  reconstructions and keeps the latent space the UNets learn on.
+  plus a small KL term (weight 1e-6); the latent scaling factor is 1 / std of the training
+  latents, as SD's 0.18215. Optionally its decoder alone is then fine-tuned with the encoder
+  frozen (``decoder``), which sharpens reconstructions and keeps the latent space the UNets learn
+  on.
 - CLIP (text and image towers, the real CLIP BPE tokenizer), trained contrastively on captions.
 - UNet2DConditionModel on the frozen CLIP text tower, SD's noise schedule (scaled_linear,
   0.00085..0.012, 1000 steps), epsilon prediction, 10% caption dropout for classifier-free guidance.
@@ -100,7 +101,8 @@ def model_config(model: torch.nn.Module) -> dict:
     """The architecture of a diffusers or transformers model, as plain JSON values."""
     config = model.config
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+    config = {k: v for k, v in config.items()
+              if not k.startswith("_") and k != "transformers_version"}
     return json.loads(json.dumps(config, default=str))
 
 
