@@ -119,7 +119,8 @@ def edit(
 
     Raises:
         KeyError: unknown method. ValueError: unknown or ill-typed parameter.
-        EditInputError: a required input is missing, or ``pipe`` is not of the method's model kind. ImageLoadError / MaskError: unreadable inputs.
+        EditInputError: a required input is missing, or ``pipe`` is not of the method's model
+            kind. ImageLoadError / MaskError: unreadable inputs.
         ModelNotAvailableError: the model cannot be loaded.
     """
     registered = get_method(method)

@@ -181,7 +181,8 @@ def masactrl(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
         mask = torch.from_numpy(np.asarray(inputs.mask) > 127)
         if mask.all() or not mask.any():  # a full or empty mask separates nothing
             mask = None
-    source_latents, cached = invert_unconditional(pipe, inputs, num_inference_steps, num_inference_steps)
+    source_latents, cached = invert_unconditional(pipe, inputs, num_inference_steps,
+                                                  num_inference_steps)
     empty = encode_prompt(pipe, "")
     controller = MutualSelfAttention(layers, start_step, mask)
     with control_attention(pipe.unet, controller):

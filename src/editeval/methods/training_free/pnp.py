@@ -181,7 +181,8 @@ def plug_and_play(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"pnp: {name} is a fraction of the steps in [0, 1], got {value}")
     feature_layer, attention_layers = pnp_layers(pipe.unet)
-    source_latents, cached = invert_unconditional(pipe, inputs, num_inference_steps, inversion_steps)
+    source_latents, cached = invert_unconditional(pipe, inputs, num_inference_steps,
+                                                  inversion_steps)
     scheduler = ddim_scheduler(pipe, num_inference_steps)
     features = FeatureInjection(int(num_inference_steps * feature_injection))
     controller = QueryKeyInjection(attention_layers, int(num_inference_steps * attention_injection))
