@@ -3,13 +3,20 @@ VAE's loss weights object pixels."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from editeval.toyworld.training import (
+    _ATTRIBUTE_PATTERN,
+    ATTRIBUTE_PHRASES,
     OBJECT_WEIGHT,
     Checkpointed,
+    _latents,
+    _pixels,
     _reconstruction_loss,
+    contrastive_loss,
+    hard_negative,
     instruction_unet_from,
     load_weights,
     new_unet,
@@ -92,3 +99,67 @@ def test_instruction_unet_starts_as_the_text_to_image_unet():
         expected = t2i(latents, 500, encoder_hidden_states=text).sample
         got = ip2p(torch.cat([latents, source], 1), 500, encoder_hidden_states=text).sample
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_instruction_training_conditions_on_the_latents_the_pipeline_feeds():
+    """InstructPix2Pix conditions on the source's unscaled latents (the authors' code and diffusers'
+    pipeline alike); training on scaled ones would show the model inputs off by the scaling
+    factor at inference."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    torch.manual_seed(0)
+    vae = _tiny_vae().eval()
+    vae.register_to_config(scaling_factor=1.1)
+    images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    pipe = StableDiffusionInstructPix2PixPipeline.__new__(StableDiffusionInstructPix2PixPipeline)
+    pipe.vae = vae
+    with torch.no_grad():
+        fed = pipe.prepare_image_latents(_pixels(images), 2, 1, torch.float32, "cpu",
+                                         do_classifier_free_guidance=False)
+    assert torch.allclose(_latents(vae, images), fed, atol=1e-6)
+
+
+def test_a_hard_negative_changes_one_attribute_of_one_object():
+    from editeval.toyworld.scenes import sample_scene
+
+    rng = np.random.default_rng(0)
+    changed = set()
+    for i in range(300):
+        caption = sample_scene(rng).caption()
+        wanted = (None, "shape")[i % 2]
+        negative = hard_negative(caption, rng, wanted)
+        before = [m.group() for m in _ATTRIBUTE_PATTERN.finditer(caption)]
+        after = [m.group() for m in _ATTRIBUTE_PATTERN.finditer(negative)]
+        assert _ATTRIBUTE_PATTERN.sub("*", negative) == _ATTRIBUTE_PATTERN.sub("*", caption)
+        diff = [(a, b) for a, b in zip(before, after) if a != b]
+        assert len(diff) == 1, (caption, negative)
+        (old, new), = diff
+        attribute = next(k for k, phrases in ATTRIBUTE_PHRASES.items() if old in phrases)
+        assert new in ATTRIBUTE_PHRASES[attribute] and wanted in (None, attribute)
+        changed.add(attribute)
+    assert changed == set(ATTRIBUTE_PHRASES)  # colour, size, texture, shape/pose all occur
+    with pytest.raises(ValueError, match="no object attribute"):
+        hard_negative("on sand, at night", rng)
+    with pytest.raises(ValueError, match="no object texture"):
+        hard_negative("a small red circle on the left, on sand", rng, "texture")
+
+
+def test_contrastive_loss_by_hand_and_equal_to_clips_without_negatives():
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 3.0]])  # 2 images, 2 captions + 1 negative
+    image_side = -(np.log(np.exp(2) / (np.exp(2) + 1 + np.exp(1)))
+                   + np.log(np.exp(3) / (1 + 2 * np.exp(3)))) / 2
+    text_side = -(np.log(np.exp(2) / (np.exp(2) + 1)) + np.log(np.exp(3) / (1 + np.exp(3)))) / 2
+    assert contrastive_loss(logits).item() == pytest.approx((image_side + text_side) / 2, rel=1e-6)
+
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    tiny = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=8),
+        vision_config=dict(image_size=8, patch_size=4, hidden_size=8, intermediate_size=16,
+                           num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=8)).eval()
+    out = tiny(input_ids=torch.randint(0, 50, (3, 8)), pixel_values=torch.randn(3, 3, 8, 8),
+               return_loss=True)
+    assert contrastive_loss(out.logits_per_image).item() == pytest.approx(out.loss.item(), rel=1e-6)

@@ -8,7 +8,9 @@ Measures (the bars of the toy-world issue in brackets):
 - text-to-image, 50 DDIM steps, guidance 7.5: share of objects whose shape and colour the oracle
   reads as the caption says (matched by slot) and of backgrounds [each >= 90%];
 - toy InstructPix2Pix on ``editeval-toy``: oracle edit success averaged over the 7 tasks [>= 70%]
-  and PSNR of the unedited region against the ground-truth target [>= 25 dB].
+  and PSNR of the unedited region against the ground-truth target [>= 25 dB];
+- toy CLIP (no bar): how often its CLIPScore prefers a scene's caption to the caption with one
+  object's colour, size, texture or shape changed (a hard negative).
 """
 
 from __future__ import annotations
@@ -100,6 +102,31 @@ def instruction_edit_quality(pipe: Any, samples: list, steps: int = 50) -> dict[
             "unedited_psnr": float(np.mean(unedited))}
 
 
+def clip_attribute_accuracy(clip: Any, scenes: list, seed: int = 0) -> dict[str, float]:
+    """Per attribute, the share of scenes whose CLIPScore with their caption is above that with
+    the caption with one object's ``attribute`` changed (scenes lacking it, e.g. a texture when
+    every object is plain, are left out). ``clip``: a :func:`editeval.metrics.load_clip` backbone.
+    """
+    from editeval.metrics.clip_similarity import clip_score
+    from editeval.toyworld.training import ATTRIBUTE_PHRASES, hard_negative
+
+    rng = np.random.default_rng(seed)
+    images = [render(scene) for scene in scenes]
+    right = clip_score(clip, images, [scene.caption() for scene in scenes])
+    accuracy = {}
+    for attribute in ATTRIBUTE_PHRASES:
+        kept, negatives = [], []
+        for i, scene in enumerate(scenes):
+            try:
+                negatives.append(hard_negative(scene.caption(), rng, attribute))
+                kept.append(i)
+            except ValueError:
+                continue
+        wrong = clip_score(clip, [images[i] for i in kept], negatives)
+        accuracy[attribute] = float(np.mean(right[kept] > wrong))
+    return accuracy
+
+
 def main(argv: list[str] | None = None) -> None:
     from editeval.data import load_dataset
     from editeval.models import load_pipeline
@@ -111,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--ip2p-steps", type=int, default=50)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["vae", "inversion", "t2i", "ip2p"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["vae", "inversion", "t2i", "ip2p", "clip"])
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     scenes = [sample_scene(rng) for _ in range(args.samples)]
@@ -137,6 +165,13 @@ def main(argv: list[str] | None = None) -> None:
                      f"{quality['unedited_psnr']:.2f}", ">= 25"))
         for task, value in quality["success_per_task"].items():
             rows.append((f"  success on {task}", f"{100 * value:.1f}%", ""))
+    if "clip" not in args.skip:
+        from editeval.metrics import load_clip
+
+        accuracy = clip_attribute_accuracy(load_clip(args.model), scenes)
+        for attribute, value in accuracy.items():
+            rows.append((f"CLIP prefers the caption to one with the {attribute} changed",
+                         f"{100 * value:.1f}%", ""))
     print("| measure | value | bar |\n|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

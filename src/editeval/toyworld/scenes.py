@@ -59,7 +59,7 @@ _BACKGROUND_PHRASES = {"sky": "in the sky", "grass": "on grass", "sand": "on san
                        "snow": "on snow", "water": "on water"}
 _STYLE_PHRASES = {"photo": "", "night": ", at night", "pixel": ", pixel art"}
 _POSITION_PHRASES = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
-_POSE_PHRASES = {"up": "pointing up", "down": "pointing down", "standing": "standing",
+POSE_PHRASES = {"up": "pointing up", "down": "pointing down", "standing": "standing",
                  "lying": "lying"}
 
 
@@ -86,7 +86,7 @@ class ToyObject:
         words = [self.size, self.colour] + ([self.texture] if self.texture != "plain" else [])
         words.append(self.shape)
         if self.pose is not None:
-            words.append(_POSE_PHRASES[self.pose])
+            words.append(POSE_PHRASES[self.pose])
         return f"a {' '.join(words)} {_POSITION_PHRASES[self.slot]}"
 
 

@@ -3,8 +3,8 @@
     python -m editeval.toyworld.training data  --work toy_training
     python -m editeval.toyworld.training vae   --work toy_training --steps 4000 --threads 2
     python -m editeval.toyworld.training clip  --work toy_training --steps 2500
-    python -m editeval.toyworld.training unet  --work toy_training --steps 3000 --threads 2
-    python -m editeval.toyworld.training ip2p  --work toy_training --steps 2500 --threads 2
+    python -m editeval.toyworld.training unet  --work toy_training --steps 6000 --threads 2
+    python -m editeval.toyworld.training ip2p  --work toy_training --steps 4000 --threads 2
     python -m editeval.toyworld.training export --work toy_training
 
 (``decoder`` optionally fine-tunes the VAE's decoder alone, any time after ``vae``.)
@@ -20,11 +20,14 @@ Models:
   latents, as SD's 0.18215. Optionally its decoder alone is then fine-tuned with the encoder
   frozen (``decoder``), which sharpens reconstructions and keeps the latent space the UNets learn
   on.
-- CLIP (text and image towers, the real CLIP BPE tokenizer), trained contrastively on captions.
+- CLIP (text and image towers, the real CLIP BPE tokenizer), trained contrastively on captions
+  with NegCLIP's hard negatives: each caption also enters the batch with one object attribute
+  (colour, size, texture, or shape with its pose) changed, so that the text tower must encode
+  every attribute word (plain CLIP's loss let it nearly merge "circle" and "square").
 - UNet2DConditionModel on the frozen CLIP text tower, SD's noise schedule (scaled_linear,
   0.00085..0.012, 1000 steps), epsilon prediction, 10% caption dropout for classifier-free guidance.
-- InstructPix2Pix-style UNet (8 input channels: noisy latents + source latents) on instruction
-  text, initialised as in the paper from the text-to-image UNet (``unet.ckpt``, so run ``unet``
+- InstructPix2Pix-style UNet (8 input channels: noisy latents + the source's unscaled latents,
+  as the pipeline feeds them) on instruction text, initialised as in the paper from the text-to-image UNet (``unet.ckpt``, so run ``unet``
   first) with the new input channels zero, with the paper's conditioning dropout (5% text, 5%
   image, 5% both).
 """
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -43,7 +47,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from editeval.toyworld.scenes import render, sample_scene
+from editeval.toyworld.scenes import (
+    COLOURS,
+    POSE_PHRASES,
+    POSES,
+    SHAPES,
+    SIZES,
+    render,
+    sample_scene,
+)
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                 beta_schedule="scaled_linear")
@@ -266,6 +278,56 @@ def _tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
+# every phrase an attribute of one object can take in a caption; shapes carry their poses, so a
+# hard negative may change a shape, a pose or both
+ATTRIBUTE_PHRASES: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLOURS),
+    "size": tuple(SIZES),
+    "texture": ("striped", "dotted"),
+    "shape": tuple(f"{shape} {POSE_PHRASES[pose]}" if shape in POSES else shape
+                   for shape in SHAPES for pose in POSES.get(shape, (None,))),
+}
+_ATTRIBUTE_PATTERN = re.compile(r"\b(" + "|".join(sorted(
+    (p for group in ATTRIBUTE_PHRASES.values() for p in group), key=len, reverse=True)) + r")\b")
+
+
+def hard_negative(caption: str, rng: np.random.Generator, attribute: str | None = None) -> str:
+    """``caption`` with one object attribute changed to another value: a caption that almost, but
+    not quite, describes the image.
+
+    Args:
+        attribute: a key of :data:`ATTRIBUTE_PHRASES` ("colour", "size", "texture", "shape" with
+            its pose), or None for any attribute the caption mentions.
+
+    Raises:
+        ValueError: the caption mentions no such attribute (e.g. "texture" when every object is
+            plain).
+    """
+    found = [m for m in _ATTRIBUTE_PATTERN.finditer(caption)
+             if attribute is None or m.group() in ATTRIBUTE_PHRASES[attribute]]
+    if not found:
+        raise ValueError(f"no object {attribute or 'attribute'} to change in caption {caption!r}")
+    match = found[rng.integers(len(found))]
+    group = next(g for g in ATTRIBUTE_PHRASES.values() if match.group() in g)
+    other = str(rng.choice([p for p in group if p != match.group()]))
+    return caption[:match.start()] + other + caption[match.end():]
+
+
+def contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE loss with NegCLIP's hard negatives (Yuksekgonul et al., "When and
+    Why Vision-Language Models Behave like Bags-of-Words, and What to Do About It?", ICLR 2023,
+    arXiv:2210.01936).
+
+    ``logits_per_image``: (B, B + K) scaled image-text similarities, the first B texts the
+    images' captions in order and the other K hard negatives. Each image picks its caption among
+    all B + K texts; each caption picks its image among the B images. K = 0 is CLIP's loss.
+    """
+    batch = logits_per_image.shape[0]
+    target = torch.arange(batch, device=logits_per_image.device)
+    return (F.cross_entropy(logits_per_image, target)
+            + F.cross_entropy(logits_per_image[:, :batch].T, target)) / 2
+
+
 def train_clip(work: Path, steps: int, seed: int, every: float, batch: int = 128) -> None:
     from editeval.testing import clip_tokenizer
 
@@ -276,10 +338,11 @@ def train_clip(work: Path, steps: int, seed: int, every: float, batch: int = 128
 
     def loss_fn(rng):
         index = rng.integers(0, len(images), batch)
+        texts = [captions[i] for i in index]
+        texts += [hard_negative(text, rng) for text in texts]
         pixels = _pixels(images[index])  # CLIP normalisation is part of export (image processor)
-        out = run.model(input_ids=_tokenize(tokenizer, [captions[i] for i in index]),
-                        pixel_values=pixels, return_loss=True)
-        return out.loss
+        out = run.model(input_ids=_tokenize(tokenizer, texts), pixel_values=pixels)
+        return contrastive_loss(out.logits_per_image)
 
     run.train(steps, loss_fn, every, "clip")
 
@@ -383,11 +446,13 @@ def train_ip2p(work: Path, steps: int, seed: int, every: float, batch: int = 64)
         load_weights(t2i, work / "unet.ckpt")
         return instruction_unet_from(t2i)
 
-    run = Checkpointed(work / "ip2p.ckpt", build, lr=1e-4, seed=seed)
+    run = Checkpointed(work / "ip2p.ckpt", build, lr=3e-4, seed=seed)
 
     def loss_fn(rng):
         index = torch.from_numpy(rng.integers(0, len(targets), batch))
-        x0, source = targets[index] * scale, sources[index] * scale
+        # the source is conditioned on unscaled (mode) latents, as in the authors' code and in
+        # diffusers' pipeline (``prepare_image_latents``); only the noised target is scaled
+        x0, source = targets[index] * scale, sources[index]
         cond = texts[index].float()
         u = torch.from_numpy(rng.random(batch))
         cond[(u < 0.05) | (u >= 0.10) & (u < 0.15)] = empty  # text dropped: 5% alone, 5% with image
