@@ -224,27 +224,33 @@ def test_on_the_tiny_unet_the_layers_map_by_position(tiny_sd):
 
 @pytest.mark.skipif(not (WEIGHTS / "sd" / "model_index.json").exists(),
                     reason=f"toy weights not exported to {WEIGHTS}")
-def test_pnp_with_the_source_prompt_stays_close_to_the_source():
-    # On the trained toy model (the tiny one is random, so its features carry no structure):
-    # sampling the source's own caption without guidance, injection over all steps brings the
-    # output closer to the source than the same sampling without injection.
-    # Measured: relative latent error 0.210 with injection, 0.234 without, 28.9 dB (world
-    # version 1 weights: 0.19 and 0.28, 24.3 dB).
+def test_pnp_keeps_the_source_structure_on_the_toy_model():
+    # On the trained toy model (the tiny one is random, so its features carry no structure).
+    # Under the source's own caption without guidance, PnP reproduces the source: measured
+    # relative latent error 0.177, 29.3 dB (plain sampling from the same noise: 0.168, 29.5 dB;
+    # this UNet reconstructs well by itself, so injection has nothing to add there).
+    # Under a style change at the paper's guidance 7.5 (night -> pixel art), injection over all
+    # steps keeps the result far closer to the source than the same sampling without it:
+    # measured relative latent error 1.05 against 1.89, 11.0 dB against 5.7 dB.
     from editeval.data import load_dataset
     from editeval.models import load_pipeline
     from editeval.toyworld.oracle import psnr
 
     pipe = load_pipeline("toy")
-    sample = load_dataset("editeval-toy").samples[0]
-    source = Image.open(sample.image_path).convert("RGB")
-    latents = encode_image(pipe, source)
-    inputs = EditInputs(source, target_prompt=sample.source_prompt)
-    errors, images = {}, {}
-    for injection in (1.0, 0.0):
-        out = _fn("pnp", pipe, inputs, num_inference_steps=10, inversion_steps=10,
-                  guidance_scale=1.0, feature_injection=injection, attention_injection=injection)
-        edited = out.intermediates["latents"]
-        errors[injection] = float((edited - latents).norm() / latents.norm())
-        images[injection] = np.asarray(out.image)
-    assert errors[1.0] < 0.22 and errors[1.0] < 0.95 * errors[0.0]
-    assert psnr(images[1.0], np.asarray(source)) > 27.5
+
+    def run(sample, prompt, guidance_scale, injection):
+        source = Image.open(sample.image_path).convert("RGB")
+        out = _fn("pnp", pipe, EditInputs(source, target_prompt=prompt), num_inference_steps=10,
+                  inversion_steps=10, guidance_scale=guidance_scale,
+                  feature_injection=injection, attention_injection=injection)
+        latents = encode_image(pipe, source)
+        error = float((out.intermediates["latents"] - latents).norm() / latents.norm())
+        return error, psnr(np.asarray(out.image), np.asarray(source))
+
+    samples = load_dataset("editeval-toy").samples
+    error, decibels = run(samples[0], samples[0].source_prompt, 1.0, 1.0)
+    assert error < 0.2 and decibels > 27.5
+    style = samples[120]
+    assert style.task == "style_change"
+    injected, plain = (run(style, style.target_prompt, 7.5, i) for i in (1.0, 0.0))
+    assert injected[0] < 0.7 * plain[0] and injected[1] > plain[1] + 3
