@@ -60,7 +60,7 @@ _BACKGROUND_PHRASES = {"sky": "in the sky", "grass": "on grass", "sand": "on san
 _STYLE_PHRASES = {"photo": "", "night": ", at night", "pixel": ", pixel art"}
 _POSITION_PHRASES = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
 POSE_PHRASES = {"up": "pointing up", "down": "pointing down", "standing": "standing",
-                 "lying": "lying"}
+                "lying": "lying"}
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
     python -m editeval.toyworld.training data  --work toy_training
     python -m editeval.toyworld.training vae   --work toy_training --steps 4000 --threads 2
-    python -m editeval.toyworld.training clip  --work toy_training --steps 2500
+    python -m editeval.toyworld.training clip  --work toy_training --steps 4500 --threads 2
     python -m editeval.toyworld.training unet  --work toy_training --steps 6000 --threads 2
-    python -m editeval.toyworld.training ip2p  --work toy_training --steps 4000 --threads 2
+    python -m editeval.toyworld.training ip2p  --work toy_training --steps 3000 --threads 2
     python -m editeval.toyworld.training export --work toy_training
 
 (``decoder`` optionally fine-tunes the VAE's decoder alone, any time after ``vae``.)
@@ -27,9 +27,9 @@ Models:
 - UNet2DConditionModel on the frozen CLIP text tower, SD's noise schedule (scaled_linear,
   0.00085..0.012, 1000 steps), epsilon prediction, 10% caption dropout for classifier-free guidance.
 - InstructPix2Pix-style UNet (8 input channels: noisy latents + the source's unscaled latents,
-  as the pipeline feeds them) on instruction text, initialised as in the paper from the text-to-image UNet (``unet.ckpt``, so run ``unet``
-  first) with the new input channels zero, with the paper's conditioning dropout (5% text, 5%
-  image, 5% both).
+  as the pipeline feeds them) on instruction text, initialised as in the paper from the
+  text-to-image UNet (``unet.ckpt``, so run ``unet`` first) with the new input channels zero, with
+  the paper's conditioning dropout (5% text, 5% image, 5% both).
 """
 
 from __future__ import annotations
