@@ -7,16 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from editeval.toyworld.training import (
+from editeval.toyworld.scenes import (
     _ATTRIBUTE_PATTERN,
     ATTRIBUTE_PHRASES,
+    hard_negative,
+)
+from editeval.toyworld.training import (
     OBJECT_WEIGHT,
     Checkpointed,
     _latents,
     _pixels,
     _reconstruction_loss,
     contrastive_loss,
-    hard_negative,
     instruction_unet_from,
     load_weights,
     new_unet,

@@ -24,7 +24,12 @@ import torch
 from PIL import Image
 
 from editeval.toyworld.oracle import parse, psnr
-from editeval.toyworld.scenes import render, sample_scene
+from editeval.toyworld.scenes import (
+    ATTRIBUTE_PHRASES,
+    hard_negative,
+    render,
+    sample_scene,
+)
 
 
 def _batches(items: list, size: int):
@@ -108,7 +113,6 @@ def clip_attribute_accuracy(clip: Any, scenes: list, seed: int = 0) -> dict[str,
     every object is plain, are left out). ``clip``: a :func:`editeval.metrics.load_clip` backbone.
     """
     from editeval.metrics.clip_similarity import clip_score
-    from editeval.toyworld.training import ATTRIBUTE_PHRASES, hard_negative
 
     rng = np.random.default_rng(seed)
     images = [render(scene) for scene in scenes]

@@ -22,6 +22,7 @@ last, per pixel (night) or per block (pixel).
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -59,8 +60,8 @@ _BACKGROUND_PHRASES = {"sky": "in the sky", "grass": "on grass", "sand": "on san
                        "snow": "on snow", "water": "on water"}
 _STYLE_PHRASES = {"photo": "", "night": ", at night", "pixel": ", pixel art"}
 _POSITION_PHRASES = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
-POSE_PHRASES = {"up": "pointing up", "down": "pointing down", "standing": "standing",
-                "lying": "lying"}
+_POSE_PHRASES = {"up": "pointing up", "down": "pointing down", "standing": "standing",
+                 "lying": "lying"}
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class ToyObject:
         words = [self.size, self.colour] + ([self.texture] if self.texture != "plain" else [])
         words.append(self.shape)
         if self.pose is not None:
-            words.append(POSE_PHRASES[self.pose])
+            words.append(_POSE_PHRASES[self.pose])
         return f"a {' '.join(words)} {_POSITION_PHRASES[self.slot]}"
 
 
@@ -116,6 +117,41 @@ class Scene:
 
     def with_objects(self, objects: list[ToyObject]) -> Scene:
         return replace(self, objects=tuple(sorted(objects, key=lambda o: SLOTS[o.slot])))
+
+
+# every phrase an attribute of one object can take in a caption; shapes carry their poses, so a
+# hard negative may change a shape, a pose or both
+ATTRIBUTE_PHRASES: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLOURS),
+    "size": tuple(SIZES),
+    "texture": tuple(t for t in TEXTURES if t != "plain"),  # plain is not in captions
+    "shape": tuple(f"{shape} {_POSE_PHRASES[pose]}" if shape in POSES else shape
+                   for shape in SHAPES for pose in POSES.get(shape, (None,))),
+}
+_ATTRIBUTE_PATTERN = re.compile(r"\b(" + "|".join(sorted(
+    (p for group in ATTRIBUTE_PHRASES.values() for p in group), key=len, reverse=True)) + r")\b")
+
+
+def hard_negative(caption: str, rng: np.random.Generator, attribute: str | None = None) -> str:
+    """``caption`` with one object attribute changed to another value: a caption that almost, but
+    not quite, describes the image.
+
+    Args:
+        attribute: a key of :data:`ATTRIBUTE_PHRASES` ("colour", "size", "texture", "shape" with
+            its pose), or None for any attribute the caption mentions.
+
+    Raises:
+        ValueError: the caption mentions no such attribute (e.g. "texture" when every object is
+            plain).
+    """
+    found = [m for m in _ATTRIBUTE_PATTERN.finditer(caption)
+             if attribute is None or m.group() in ATTRIBUTE_PHRASES[attribute]]
+    if not found:
+        raise ValueError(f"no object {attribute or 'attribute'} to change in caption {caption!r}")
+    match = found[rng.integers(len(found))]
+    group = next(g for g in ATTRIBUTE_PHRASES.values() if match.group() in g)
+    other = str(rng.choice([p for p in group if p != match.group()]))
+    return caption[:match.start()] + other + caption[match.end():]
 
 
 def sample_object(rng: np.random.Generator, slot: str, taken: set[str] = frozenset(),

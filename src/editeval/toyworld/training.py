@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -47,15 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from editeval.toyworld.scenes import (
-    COLOURS,
-    POSE_PHRASES,
-    POSES,
-    SHAPES,
-    SIZES,
-    render,
-    sample_scene,
-)
+from editeval.toyworld.scenes import hard_negative, render, sample_scene
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                 beta_schedule="scaled_linear")
@@ -276,41 +267,6 @@ def train_decoder(work: Path, steps: int, seed: int, every: float, batch: int = 
 def _tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     return tokenizer(texts, padding="max_length", max_length=77, truncation=True,
                      return_tensors="pt").input_ids
-
-
-# every phrase an attribute of one object can take in a caption; shapes carry their poses, so a
-# hard negative may change a shape, a pose or both
-ATTRIBUTE_PHRASES: dict[str, tuple[str, ...]] = {
-    "colour": tuple(COLOURS),
-    "size": tuple(SIZES),
-    "texture": ("striped", "dotted"),
-    "shape": tuple(f"{shape} {POSE_PHRASES[pose]}" if shape in POSES else shape
-                   for shape in SHAPES for pose in POSES.get(shape, (None,))),
-}
-_ATTRIBUTE_PATTERN = re.compile(r"\b(" + "|".join(sorted(
-    (p for group in ATTRIBUTE_PHRASES.values() for p in group), key=len, reverse=True)) + r")\b")
-
-
-def hard_negative(caption: str, rng: np.random.Generator, attribute: str | None = None) -> str:
-    """``caption`` with one object attribute changed to another value: a caption that almost, but
-    not quite, describes the image.
-
-    Args:
-        attribute: a key of :data:`ATTRIBUTE_PHRASES` ("colour", "size", "texture", "shape" with
-            its pose), or None for any attribute the caption mentions.
-
-    Raises:
-        ValueError: the caption mentions no such attribute (e.g. "texture" when every object is
-            plain).
-    """
-    found = [m for m in _ATTRIBUTE_PATTERN.finditer(caption)
-             if attribute is None or m.group() in ATTRIBUTE_PHRASES[attribute]]
-    if not found:
-        raise ValueError(f"no object {attribute or 'attribute'} to change in caption {caption!r}")
-    match = found[rng.integers(len(found))]
-    group = next(g for g in ATTRIBUTE_PHRASES.values() if match.group() in g)
-    other = str(rng.choice([p for p in group if p != match.group()]))
-    return caption[:match.start()] + other + caption[match.end():]
 
 
 def contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
