@@ -197,9 +197,10 @@ def test_toy_null_text_reconstructs_as_well_as_the_vae(toy, toy_scenes):
     assert null_text["psnr"] >= vae - 2.0
     assert reconstruction_quality(toy, toy_scenes, "negative-prompt", 10)["psnr"] >= vae - 2.0
     assert reconstruction_quality(toy, toy_scenes, "ddim", 10)["psnr"] <= null_text["psnr"] - 1.5
-    # early stopping: measured 86.5 of 100 iterations (mean of the 2 scenes) at eps 3e-3, 0.02 dB
-    # above the full run (the bar, a third of the iterations within 0.5 dB, is not met by
-    # this toy model at 50 steps either: see benchmarks/inversion.py)
-    early = reconstruction_quality(toy, toy_scenes, "null-text", 10, early_stop_epsilon=3e-3)
-    assert early["optimisation_steps"] <= 90
+    # early stopping (step i stops below eps + 2e-5 i): at 10 steps every loss stays above 2e-2,
+    # so eps 2e-2 runs all 100 iterations; eps 6e-2 measured 73.0 of 100 (mean of the 2 scenes),
+    # 0.09 dB above the full run; eps 0.12: 34.0 and 1.17 dB below. (The bar, a third of
+    # the iterations within 0.5 dB, is not met by this toy model at 50 steps: see docs/methods.md.)
+    early = reconstruction_quality(toy, toy_scenes, "null-text", 10, early_stop_epsilon=6e-2)
+    assert early["optimisation_steps"] <= 80
     assert early["psnr"] >= null_text["psnr"] - 0.5

@@ -14,10 +14,11 @@ from the same DDIM trajectory, cached through :mod:`editeval.diffusion.inversion
   guided DDIM step from the current latent lands on the pivot's next latent: Adam, ``inner_steps``
   = N = 10 iterations per timestep, early stopping when the loss falls below the threshold, fp32
   always. As in the official code, the learning rate decays as 1e-2 (1 - i / 100) over the 50 steps
-  (here 1e-2 (1 - i / (2 steps)), the same at 50) and the threshold of step i is
-  eps + 2e-5 i, written eps (1 + 2 i) with the paper's eps = 1e-5 (the same at the default;
-  eps = 0 turns early stopping off); each step starts from the previous step's embedding (the first
-  from the empty prompt's); after optimising, the latent advances with the guided step. Cached
+  (here 1e-2 (1 - i / (2 steps)), the same at 50) and the threshold of step i is the official
+  eps + 2e-5 i, with the paper's eps = 1e-5 (deviation: eps = 0 turns early stopping off, where
+  the official code would still stop below 2e-5 i); each step starts from the previous step's
+  embedding (the first from the empty prompt's); after optimising, the latent advances with the
+  guided step. Cached
   (kind ``null-text``, options in the key). NFE = steps (pivot) + sum over steps of (3 + the
   iterations run): one conditional pass, one per iteration, two for the guided step.
 - ``negative-prompt``: negative-prompt inversion (Miyake et al., "Negative-prompt Inversion: Fast
@@ -64,6 +65,7 @@ INVERSIONS = ("ddim", "null-text", "negative-prompt", "proxedit", "direct")
 
 NULL_TEXT_INNER_STEPS = 10
 NULL_TEXT_EPSILON = 1e-5
+NULL_TEXT_EPSILON_RAMP = 2e-5  # the official threshold grows by this much per step
 NULL_TEXT_LR = 1e-2
 PROX_QUANTILE, PROX_RECON_LR, PROX_RECON_T, PROX_DILATE = 0.7, 1.0, 400, 1
 
@@ -216,8 +218,8 @@ def optimise_null_text(unet: Any, trajectory: list[torch.Tensor], scheduler: Any
         cond: (1, 77, D) source prompt embeddings.
         uncond: (1, 77, D) the empty prompt's embeddings, where the optimisation starts.
         inner_steps: N, Adam iterations per timestep at most (>= 1).
-        early_stop_epsilon: stop a timestep's iterations once the loss is below
-            ``early_stop_epsilon * (1 + 2 i)`` at step i; 0 runs all N.
+        early_stop_epsilon: stop a timestep's iterations once the loss (the mean squared latent
+            error) is below ``early_stop_epsilon + 2e-5 i`` at step i; 0 runs all N.
 
     Returns:
         per sampling step, the optimised float32 (1, 77, D) embeddings, and the iterations run.
@@ -240,7 +242,8 @@ def optimise_null_text(unet: Any, trajectory: list[torch.Tensor], scheduler: Any
                 noise_cond = unet(latent, t, encoder_hidden_states=cond).sample
             current = current.detach().clone().requires_grad_(True)
             optimiser = torch.optim.Adam([current], lr=NULL_TEXT_LR * (1 - i / (2 * steps)))
-            threshold = early_stop_epsilon * (1 + 2 * i)
+            threshold = early_stop_epsilon + NULL_TEXT_EPSILON_RAMP * i \
+                if early_stop_epsilon > 0 else 0.0
             done = 0
             for _ in range(inner_steps):
                 noise_uncond = unet(latent, t, encoder_hidden_states=current).sample
@@ -298,7 +301,7 @@ def invert_source(pipe: Any, image: Image.Image, prompt: str, kind: str, *,
     optimisation_steps = 0
     if kind == "null-text":
         options = {"inner_steps": null_text_inner_steps, "early_stop_epsilon": early_stop_epsilon,
-                   "lr": NULL_TEXT_LR, "schedule": "lr (1 - i / (2 steps)), eps (1 + 2 i)"}
+                   "lr": NULL_TEXT_LR, "schedule": "lr (1 - i / (2 steps)), eps + 2e-5 i"}
         key = inversion_key(kind="null-text", image=image, prompt=prompt, pipe=pipe,
                             scheduler=scheduler, num_inference_steps=num_inference_steps,
                             guidance_scale=guidance_scale, options=options)

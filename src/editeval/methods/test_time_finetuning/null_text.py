@@ -10,8 +10,8 @@ finetuning, embeddings finetuning: the unconditional embedding is optimised per 
 2. Null-text optimisation (:func:`editeval.diffusion.inversion.optimise_null_text`): per timestep,
    N = ``null_text_inner_steps`` (10) Adam iterations on the unconditional embedding so that the
    guided DDIM step (w = 7.5) from the current latent lands on the pivot's next latent; early stop
-   once the loss is below ``early_stop_epsilon`` (1e-5) x (1 + 2 i) at step i (the official
-   threshold eps + 2e-5 i); learning rate 1e-2 (1 - i / 100) at 50 steps; fp32. At most 50 x 10 =
+   once the loss is below ``early_stop_epsilon`` (1e-5) + 2e-5 i at step i (the official
+   threshold); learning rate 1e-2 (1 - i / 100) at 50 steps; fp32. At most 50 x 10 =
    500 iterations; cached per (image, prompt, model, scheduler, steps, guidance, options).
 3. Prompt-to-Prompt editing (:mod:`editeval.methods.training_free.prompt_to_prompt`) from the
    inverted noise with the optimised embeddings as the unconditional embeddings of both branches,
@@ -20,8 +20,9 @@ finetuning, embeddings finetuning: the unconditional embedding is optimised per 
    self-attention replaced in layers up to 32 x 32 query tokens, local blend from 0.2 of the steps
    at threshold 0.3.
 
-Deviations: the learning-rate decay and the early-stopping ramp are written as fractions of the
-number of steps (identical at 50 steps); the P2P deviations of ``p2p`` (blend resolution, aligner).
+Deviations: the learning-rate decay is written as a fraction of the number of steps (identical at
+50 steps); ``early_stop_epsilon=0`` turns early stopping off; the P2P deviations of ``p2p`` (blend
+resolution, aligner).
 
 NFE = num_inference_steps (pivot) + sum over steps of (3 + n_i) (null-text optimisation: one
 conditional pass, n_i <= null_text_inner_steps iterations, two for the guided step; the total of
@@ -56,9 +57,11 @@ CARD = MethodCard(
                 "n_i <= null_text_inner_steps iterations at step i, total reported as "
                 "null_text_iterations) + 4 * num_inference_steps (editing); a cached pivot drops "
                 "the first term, cached embeddings the second",
-    deviations="learning-rate decay and early-stopping ramp as fractions of the steps (the same "
-               "at 50); Prompt-to-Prompt's deviations (blend resolution, automatic blend words)",
-    note="early_stop_epsilon=0 runs all null_text_inner_steps iterations at every step.",
+    deviations="learning-rate decay as a fraction of the steps (the same at 50); "
+               "early_stop_epsilon=0 turns early stopping off; Prompt-to-Prompt's deviations "
+               "(blend resolution, automatic blend words)",
+    note="early stopping at step i once the loss is below early_stop_epsilon + 2e-5 i; "
+         "early_stop_epsilon=0 runs all null_text_inner_steps iterations at every step.",
 )
 
 
