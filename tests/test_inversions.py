@@ -16,6 +16,7 @@ from editeval.diffusion.inversion import (
     ProximalGuidance,
     ddim_trajectory,
     invert_source,
+    null_text_threshold,
     optimise_null_text,
     reconstruct_source,
 )
@@ -122,6 +123,14 @@ def test_null_text_runs_in_fp32_and_restores_the_unet(tiny_sd, photo):
     assert unet.dtype == torch.bfloat16
     assert [p.requires_grad for p in unet.parameters()] == flags
     assert all(p.grad is None for p in unet.parameters())
+
+
+def test_null_text_threshold_is_the_official_one():
+    # the notebook's `loss_item < epsilon + i * 2e-5`, at the paper's eps and at others
+    assert null_text_threshold(1e-5, 0) == pytest.approx(1e-5)
+    assert null_text_threshold(1e-5, 49) == pytest.approx(9.9e-4)
+    assert null_text_threshold(3e-2, 10) == pytest.approx(3.02e-2)
+    assert null_text_threshold(0.0, 49) == 0.0  # 0: early stopping off
 
 
 def test_null_text_early_stopping_and_its_nfe(tiny_sd, photo):

@@ -18,9 +18,9 @@ from the same DDIM trajectory, cached through :mod:`editeval.diffusion.inversion
   eps + 2e-5 i, with the paper's eps = 1e-5 (deviation: eps = 0 turns early stopping off, where
   the official code would still stop below 2e-5 i); each step starts from the previous step's
   embedding (the first from the empty prompt's); after optimising, the latent advances with the
-  guided step. Cached
-  (kind ``null-text``, options in the key). NFE = steps (pivot) + sum over steps of (3 + the
-  iterations run): one conditional pass, one per iteration, two for the guided step.
+  guided step. Cached (kind ``null-text``, options in the key). NFE = steps (pivot) + sum over
+  steps of (3 + the iterations run): one conditional pass, one per iteration, two for the guided
+  step.
 - ``negative-prompt``: negative-prompt inversion (Miyake et al., "Negative-prompt Inversion: Fast
   Image Inversion for Editing with Text-guided Diffusion Models", arXiv:2305.16807, 2023): the
   source prompt's embedding replaces the null-text embedding, the closed-form approximation of
@@ -65,7 +65,6 @@ INVERSIONS = ("ddim", "null-text", "negative-prompt", "proxedit", "direct")
 
 NULL_TEXT_INNER_STEPS = 10
 NULL_TEXT_EPSILON = 1e-5
-NULL_TEXT_EPSILON_RAMP = 2e-5  # the official threshold grows by this much per step
 NULL_TEXT_LR = 1e-2
 PROX_QUANTILE, PROX_RECON_LR, PROX_RECON_T, PROX_DILATE = 0.7, 1.0, 400, 1
 
@@ -206,6 +205,12 @@ def _fp32_frozen(unet: Any) -> Iterator[None]:
             parameter.requires_grad_(flag)
 
 
+def null_text_threshold(early_stop_epsilon: float, step: int) -> float:
+    """The loss below which null-text optimisation stops at sampling step ``step`` (0 = noisiest):
+    the official ``eps + 2e-5 step``, or 0 (never stop early) when ``early_stop_epsilon`` is 0."""
+    return early_stop_epsilon + 2e-5 * step if early_stop_epsilon > 0 else 0.0
+
+
 def optimise_null_text(unet: Any, trajectory: list[torch.Tensor], scheduler: Any,
                        cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float,
                        inner_steps: int = NULL_TEXT_INNER_STEPS,
@@ -219,7 +224,8 @@ def optimise_null_text(unet: Any, trajectory: list[torch.Tensor], scheduler: Any
         uncond: (1, 77, D) the empty prompt's embeddings, where the optimisation starts.
         inner_steps: N, Adam iterations per timestep at most (>= 1).
         early_stop_epsilon: stop a timestep's iterations once the loss (the mean squared latent
-            error) is below ``early_stop_epsilon + 2e-5 i`` at step i; 0 runs all N.
+            error) is below :func:`null_text_threshold` (``early_stop_epsilon + 2e-5 i`` at
+            step i); 0 runs all N.
 
     Returns:
         per sampling step, the optimised float32 (1, 77, D) embeddings, and the iterations run.
@@ -242,8 +248,7 @@ def optimise_null_text(unet: Any, trajectory: list[torch.Tensor], scheduler: Any
                 noise_cond = unet(latent, t, encoder_hidden_states=cond).sample
             current = current.detach().clone().requires_grad_(True)
             optimiser = torch.optim.Adam([current], lr=NULL_TEXT_LR * (1 - i / (2 * steps)))
-            threshold = early_stop_epsilon + NULL_TEXT_EPSILON_RAMP * i \
-                if early_stop_epsilon > 0 else 0.0
+            threshold = null_text_threshold(early_stop_epsilon, i)
             done = 0
             for _ in range(inner_steps):
                 noise_uncond = unet(latent, t, encoder_hidden_states=current).sample
