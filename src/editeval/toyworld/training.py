@@ -7,7 +7,7 @@
     python -m editeval.toyworld.training ip2p  --work toy_training --steps 3000 --threads 2
     python -m editeval.toyworld.training export --work toy_training
 
-(The shipped InstructPix2Pix was then resumed to ``--steps 6000`` and to ``10000``; see
+(The shipped InstructPix2Pix was then resumed to ``--steps 6000``, ``10000`` and ``14000``; see
 docs/toyworld.md.)
 
 (``decoder`` optionally fine-tunes the VAE's decoder alone, any time after ``vae``.)
