@@ -86,7 +86,7 @@ def main() -> None:
             bar = ""
             if label.startswith("null-text, all"):
                 bar = f">= {vae - 1:.2f} (VAE - 1 dB)"
-            elif label.startswith(("null-text, early", "null-text, 3")):
+            elif kind == "null-text":  # early stopping, or a third of the iterations spent evenly
                 full = results["null-text, all iterations"]["psnr"]
                 bar = f">= {full - 0.5:.2f} (full - 0.5 dB), <= {reference // 3} iterations"
             row(f"reconstruction PSNR at guidance 7.5, {label} (dB)",
