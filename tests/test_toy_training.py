@@ -15,6 +15,7 @@ from editeval.toyworld.scenes import (
 from editeval.toyworld.training import (
     OBJECT_WEIGHT,
     Checkpointed,
+    _cached,
     _latents,
     _pixels,
     _reconstruction_loss,
@@ -77,6 +78,20 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
     torch.save(state, tmp_path / "unet.ckpt")
     with pytest.raises(ValueError, match="not recorded"):
         load_weights(new_unet(4), tmp_path / "unet.ckpt")
+
+
+def test_a_cache_of_another_data_size_is_recomputed(tmp_path):
+    path, calls = tmp_path / "states.pt", []
+
+    def compute(rows):
+        calls.append(rows)
+        return torch.arange(rows)
+
+    assert _cached(path, lambda: compute(3), 3).tolist() == [0, 1, 2]
+    assert _cached(path, lambda: compute(3), 3).tolist() == [0, 1, 2]  # read back
+    assert calls == [3]
+    assert _cached(path, lambda: compute(5), 5).tolist() == [0, 1, 2, 3, 4]  # data grew
+    assert calls == [3, 5] and len(torch.load(path)) == 5
 
 
 def test_reconstruction_loss_weights_object_pixels():

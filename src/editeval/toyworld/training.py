@@ -331,9 +331,15 @@ def _text_states(clip, tokenizer, texts: list[str], chunk: int = 256) -> torch.T
                       for i in range(0, len(texts), chunk)]).half()
 
 
-def _cached(path: Path, compute):
+def _cached(path: Path, compute, count: int) -> torch.Tensor:
+    """``compute()`` (one row per training item), stored at ``path`` and read back from it while it
+    still has ``count`` rows: a cache of a data set that has since been rendered again at another
+    size is recomputed, not silently paired with the wrong images or captions."""
     if path.exists():
-        return torch.load(path)
+        value = torch.load(path)
+        if len(value) == count:
+            return value
+        tqdm.write(f"{path.name} holds {len(value)} rows for {count} items: recomputing")
     value = compute()
     torch.save(value, path)
     return value
@@ -355,8 +361,10 @@ def train_unet(work: Path, steps: int, seed: int, every: float, batch: int = 64)
     vae, clip, tokenizer = _frozen(work)
     scale = latent_scale(work)
     captions = json.loads((work / "captions.json").read_text())
-    latents = _cached(work / "scene_latents.pt", lambda: _latents(vae, np.load(work / "scenes.npy")))
-    texts = _cached(work / "caption_states.pt", lambda: _text_states(clip, tokenizer, captions))
+    latents = _cached(work / "scene_latents.pt", lambda: _latents(vae, np.load(work / "scenes.npy")),
+                      len(captions))
+    texts = _cached(work / "caption_states.pt", lambda: _text_states(clip, tokenizer, captions),
+                    len(captions))
     empty = _text_states(clip, tokenizer, [""]).float()
     noise_scheduler = DDPMScheduler(**SCHEDULE)
     run = Checkpointed(work / "unet.ckpt", lambda: new_unet(4), lr=3e-4, seed=seed)
@@ -392,12 +400,13 @@ def train_ip2p(work: Path, steps: int, seed: int, every: float, batch: int = 64)
     vae, clip, tokenizer = _frozen(work)
     scale = latent_scale(work)
     instructions = json.loads((work / "instructions.json").read_text())
+    n = len(instructions)
     sources = _cached(work / "pair_source_latents.pt",
-                      lambda: _latents(vae, np.load(work / "pair_sources.npy")))
+                      lambda: _latents(vae, np.load(work / "pair_sources.npy")), n)
     targets = _cached(work / "pair_target_latents.pt",
-                      lambda: _latents(vae, np.load(work / "pair_targets.npy")))
+                      lambda: _latents(vae, np.load(work / "pair_targets.npy")), n)
     texts = _cached(work / "instruction_states.pt",
-                    lambda: _text_states(clip, tokenizer, instructions))
+                    lambda: _text_states(clip, tokenizer, instructions), n)
     empty = _text_states(clip, tokenizer, [""]).float()
     noise_scheduler = DDPMScheduler(**SCHEDULE)
     def build():
