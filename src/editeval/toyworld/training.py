@@ -361,10 +361,11 @@ def train_unet(work: Path, steps: int, seed: int, every: float, batch: int = 64)
     vae, clip, tokenizer = _frozen(work)
     scale = latent_scale(work)
     captions = json.loads((work / "captions.json").read_text())
-    latents = _cached(work / "scene_latents.pt", lambda: _latents(vae, np.load(work / "scenes.npy")),
-                      len(captions))
-    texts = _cached(work / "caption_states.pt", lambda: _text_states(clip, tokenizer, captions),
-                    len(captions))
+    n = len(captions)
+    latents = _cached(work / "scene_latents.pt",
+                      lambda: _latents(vae, np.load(work / "scenes.npy")), n)
+    texts = _cached(work / "caption_states.pt",
+                    lambda: _text_states(clip, tokenizer, captions), n)
     empty = _text_states(clip, tokenizer, [""]).float()
     noise_scheduler = DDPMScheduler(**SCHEDULE)
     run = Checkpointed(work / "unet.ckpt", lambda: new_unet(4), lr=3e-4, seed=seed)
