@@ -153,3 +153,14 @@ def test_verify_table_for_one_method(tmp_path):
     lines = markdown(report).splitlines()
     assert lines[0].startswith("| method | paper | add | replace |") and len(lines) == 3
     assert lines[2].startswith("| sdedit | ICLR 2022 |")
+
+
+def test_verify_write_keeps_what_follows_the_table():
+    from editeval.toyworld.verify import _after_table
+
+    document = ("# Methods\n\nProduced by `x` on 2026-01-01.\n\n"
+                "| method | paper |\n|---|---|\n| sdedit | ICLR 2022 |\n\n"
+                "## What the table says\n\nHand-written.\n")
+    assert _after_table(document) == "\n## What the table says\n\nHand-written.\n"
+    assert _after_table("# Methods\n\nNo table yet.\n") == ""
+    assert _after_table("# Methods\n\n| method | paper |\n|---|---|\n") == ""  # table ends the file

@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/toy-verify"),
                         help="run directory (resumable)")
     parser.add_argument("--write", type=Path, default=None,
-                        help="also write the table, with the command and date, to this file")
+                        help="also write the table, with the command and date, to this file "
+                             "(an existing file keeps what follows its table)")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     methods = ([card.name for card in list_methods()] if args.methods == "all"
@@ -113,7 +114,18 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     if args.write is not None:
         command = " ".join(["python -m editeval.toyworld.verify", *argv])
-        args.write.write_text(_document(table, command, args))
+        old = args.write.read_text() if args.write.exists() else ""
+        args.write.write_text(_document(table, command, args) + _after_table(old))
+
+
+def _after_table(document: str) -> str:
+    """What follows the first method table in ``document`` (the hand-written analysis that a
+    rewrite keeps), or "" when it has none."""
+    start = document.find("\n| method |")
+    if start < 0:
+        return ""
+    end = document.find("\n\n", start + 1)
+    return "" if end < 0 else document[end + 1:]
 
 
 def _document(table: str, command: str, args: argparse.Namespace) -> str:
