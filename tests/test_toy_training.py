@@ -180,3 +180,29 @@ def test_contrastive_loss_by_hand_and_equal_to_clips_without_negatives():
     out = tiny(input_ids=torch.randint(0, 50, (3, 8)), pixel_values=torch.randn(3, 3, 8, 8),
                return_loss=True)
     assert contrastive_loss(out.logits_per_image).item() == pytest.approx(out.loss.item(), rel=1e-6)
+
+
+def test_a_shape_negative_changes_one_shape_and_often_only_its_pose():
+    from editeval.toyworld.scenes import sample_scene, shape_negative
+
+    rng = np.random.default_rng(0)
+    flips = others = 0
+    for _ in range(300):
+        caption = sample_scene(rng).caption()
+        negative = shape_negative(caption, rng)
+        before = [m.group() for m in _ATTRIBUTE_PATTERN.finditer(caption)]
+        after = [m.group() for m in _ATTRIBUTE_PATTERN.finditer(negative)]
+        assert _ATTRIBUTE_PATTERN.sub("*", negative) == _ATTRIBUTE_PATTERN.sub("*", caption)
+        (old, new), = [(a, b) for a, b in zip(before, after) if a != b]
+        assert old in ATTRIBUTE_PHRASES["shape"] and new in ATTRIBUTE_PHRASES["shape"]
+        if old.split()[0] == new.split()[0]:  # the same shape: only the pose changed
+            assert {old.split()[-1], new.split()[-1]} in ({"up", "down"}, {"standing", "lying"})
+            flips += 1
+        else:
+            others += 1
+    # a pose flip half of the time when the changed shape has poses (2 of 5 shapes)
+    assert 0.1 < flips / 300 < 0.35 and others > flips
+    assert shape_negative("a small red circle on the left, on sand", rng) != (
+        "a small red circle on the left, on sand")
+    with pytest.raises(ValueError, match="no object shape"):
+        shape_negative("on sand, at night", rng)

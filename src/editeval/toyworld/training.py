@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from editeval.toyworld.scenes import hard_negative, render, sample_scene
+from editeval.toyworld.scenes import hard_negative, render, sample_scene, shape_negative
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                 beta_schedule="scaled_linear")
@@ -287,7 +287,11 @@ def contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
             + F.cross_entropy(logits_per_image[:, :batch].T, target)) / 2
 
 
-def train_clip(work: Path, steps: int, seed: int, every: float, batch: int = 128) -> None:
+def train_clip(work: Path, steps: int, seed: int, every: float, batch: int = 128,
+               shape_negatives: bool = False) -> None:
+    """CLIP's contrastive training with one :func:`hard_negative` per caption, and with
+    ``shape_negatives`` a second one from :func:`shape_negative` (the batch then holds B captions
+    and 2B negatives)."""
     from editeval.testing import clip_tokenizer
 
     images = np.load(work / "scenes.npy")
@@ -298,7 +302,10 @@ def train_clip(work: Path, steps: int, seed: int, every: float, batch: int = 128
     def loss_fn(rng):
         index = rng.integers(0, len(images), batch)
         texts = [captions[i] for i in index]
-        texts += [hard_negative(text, rng) for text in texts]
+        negatives = [hard_negative(text, rng) for text in texts]
+        if shape_negatives:
+            negatives += [shape_negative(text, rng) for text in texts]
+        texts += negatives
         pixels = _pixels(images[index])  # CLIP normalisation is part of export (image processor)
         out = run.model(input_ids=_tokenize(tokenizer, texts), pixel_values=pixels)
         return contrastive_loss(out.logits_per_image)
@@ -445,6 +452,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-seconds", type=float, default=120.0)
     parser.add_argument("--scenes", type=int, default=20000)
     parser.add_argument("--pairs", type=int, default=20000)
+    parser.add_argument("--shape-negatives", action="store_true",
+                        help="clip: a second hard negative per caption that changes a shape, half "
+                             "of the time only its pose (not used for the shipped CLIP)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -457,7 +467,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         trainer = {"vae": train_vae, "decoder": train_decoder, "clip": train_clip,
                    "unet": train_unet, "ip2p": train_ip2p}[args.stage]
-        trainer(args.work, args.steps, args.seed, args.checkpoint_seconds)
+        extra = {"shape_negatives": args.shape_negatives} if args.stage == "clip" else {}
+        trainer(args.work, args.steps, args.seed, args.checkpoint_seconds, **extra)
 
 
 if __name__ == "__main__":
