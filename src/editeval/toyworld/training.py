@@ -26,7 +26,9 @@ Models:
 - CLIP (text and image towers, the real CLIP BPE tokenizer), trained contrastively on captions
   with NegCLIP's hard negatives: each caption also enters the batch with one object attribute
   (colour, size, texture, or shape with its pose) changed, so that the text tower must encode
-  every attribute word (plain CLIP's loss let it nearly merge "circle" and "square").
+  every attribute word (plain CLIP's loss let it nearly merge "circle" and "square"); with
+  ``--shape-negatives`` a second one per caption that changes a shape, half of the time only its
+  pose (those negatives are rare among the first kind; not yet used for the shipped CLIP).
 - UNet2DConditionModel on the frozen CLIP text tower, SD's noise schedule (scaled_linear,
   0.00085..0.012, 1000 steps), epsilon prediction, 10% caption dropout for classifier-free guidance.
 - InstructPix2Pix-style UNet (8 input channels: noisy latents + the source's unscaled latents,
