@@ -183,7 +183,10 @@ def test_contrastive_loss_by_hand_and_equal_to_clips_without_negatives():
 
 
 def test_a_shape_negative_changes_one_shape_and_often_only_its_pose():
-    from editeval.toyworld.scenes import sample_scene, shape_negative
+    from editeval.toyworld.scenes import sample_scene
+
+    def shape_negative(caption, rng):
+        return hard_negative(caption, rng, "shape", pose_flip=0.5)
 
     rng = np.random.default_rng(0)
     flips = others = 0

@@ -132,13 +132,20 @@ _ATTRIBUTE_PATTERN = re.compile(r"\b(" + "|".join(sorted(
     (p for group in ATTRIBUTE_PHRASES.values() for p in group), key=len, reverse=True)) + r")\b")
 
 
-def hard_negative(caption: str, rng: np.random.Generator, attribute: str | None = None) -> str:
+def hard_negative(caption: str, rng: np.random.Generator, attribute: str | None = None,
+                  pose_flip: float = 0.0) -> str:
     """``caption`` with one object attribute changed to another value: a caption that almost, but
     not quite, describes the image.
 
     Args:
         attribute: a key of :data:`ATTRIBUTE_PHRASES` ("colour", "size", "texture", "shape" with
             its pose), or None for any attribute the caption mentions.
+        pose_flip: probability in [0, 1] that a shape with poses changes to its other pose alone
+            ("triangle pointing up" -> "triangle pointing down") rather than to any other shape
+            phrase. At 0, a triangle's pose is flipped in 1 negative of 130 on the training
+            captions, and the CLIP trained so tells a triangle pointing up from one pointing
+            down no better than chance (docs/toyworld.md); ``attribute="shape"`` with
+            ``pose_flip=0.5`` flips one in 9.
 
     Raises:
         ValueError: the caption mentions no such attribute (e.g. "texture" when every object is
@@ -149,35 +156,13 @@ def hard_negative(caption: str, rng: np.random.Generator, attribute: str | None 
     if not found:
         raise ValueError(f"no object {attribute or 'attribute'} to change in caption {caption!r}")
     match = found[rng.integers(len(found))]
-    group = next(g for g in ATTRIBUTE_PHRASES.values() if match.group() in g)
-    other = str(rng.choice([p for p in group if p != match.group()]))
-    return caption[:match.start()] + other + caption[match.end():]
-
-
-def shape_negative(caption: str, rng: np.random.Generator) -> str:
-    """``caption`` with one object's shape phrase changed, to its nearest alternative half of the
-    time: for a shape with poses, the other pose ("triangle pointing up" -> "triangle pointing
-    down"); otherwise, and for the other half, any other shape phrase. :func:`hard_negative`
-    picks among every attribute and every alternative, so it seldom flips a pose (a triangle's in
-    1 negative of 130 on the training captions; this function, 1 in 9), and the CLIP trained with
-    it alone tells a triangle pointing up from one pointing down no better than chance
-    (docs/toyworld.md).
-
-    Raises:
-        ValueError: the caption names no shape.
-    """
-    found = [m for m in _ATTRIBUTE_PATTERN.finditer(caption)
-             if m.group() in ATTRIBUTE_PHRASES["shape"]]
-    if not found:
-        raise ValueError(f"no object shape to change in caption {caption!r}")
-    match = found[rng.integers(len(found))]
     phrase = match.group()
-    shape = phrase.split()[0]
-    other_pose = [p for p in ATTRIBUTE_PHRASES["shape"] if p.split()[0] == shape and p != phrase]
-    if other_pose and rng.random() < 0.5:
+    group = next(g for g in ATTRIBUTE_PHRASES.values() if phrase in g)
+    other_pose = [p for p in group if p != phrase and p.split()[0] == phrase.split()[0]]
+    if pose_flip and other_pose and rng.random() < pose_flip:  # no draw at 0: same stream
         other = other_pose[0]
     else:
-        other = str(rng.choice([p for p in ATTRIBUTE_PHRASES["shape"] if p != phrase]))
+        other = str(rng.choice([p for p in group if p != phrase]))
     return caption[:match.start()] + other + caption[match.end():]
 
 

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from editeval.toyworld.scenes import hard_negative, render, sample_scene, shape_negative
+from editeval.toyworld.scenes import hard_negative, render, sample_scene
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                 beta_schedule="scaled_linear")
@@ -292,8 +292,8 @@ def contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
 def train_clip(work: Path, steps: int, seed: int, every: float, batch: int = 128,
                shape_negatives: bool = False) -> None:
     """CLIP's contrastive training with one :func:`hard_negative` per caption, and with
-    ``shape_negatives`` a second one from :func:`shape_negative` (the batch then holds B captions
-    and 2B negatives)."""
+    ``shape_negatives`` a second one that changes a shape, to its other pose alone half of the
+    time (the batch then holds B captions and 2B negatives)."""
     from editeval.testing import clip_tokenizer
 
     images = np.load(work / "scenes.npy")
@@ -306,7 +306,7 @@ def train_clip(work: Path, steps: int, seed: int, every: float, batch: int = 128
         texts = [captions[i] for i in index]
         negatives = [hard_negative(text, rng) for text in texts]
         if shape_negatives:
-            negatives += [shape_negative(text, rng) for text in texts]
+            negatives += [hard_negative(text, rng, "shape", pose_flip=0.5) for text in texts]
         texts += negatives
         pixels = _pixels(images[index])  # CLIP normalisation is part of export (image processor)
         out = run.model(input_ids=_tokenize(tokenizer, texts), pixel_values=pixels)
