@@ -193,8 +193,8 @@ def toy():
 
 @toy_only
 def test_toy_null_text_reconstructs_as_well_as_the_vae(toy, toy_scenes):
-    # Measured on these 2 scenes at 10 steps: VAE 33.06 dB, null-text 31.72 dB (all 100
-    # iterations), negative-prompt inversion 32.22 dB, DDIM inversion sampled at 7.5 29.61 dB.
+    # Measured on these 2 scenes at 10 steps: VAE 33.06 dB, null-text 32.00 dB (all 100
+    # iterations), negative-prompt inversion 32.14 dB, DDIM inversion sampled at 7.5 29.97 dB.
     # Ten steps leave null-text 1.3 dB short of the VAE; at the bar's 50 steps on 4 scenes
     # (benchmarks/inversion.py) it is 0.03 dB short: VAE 30.67, null-text 30.64, DDIM 26.79.
     from editeval.toyworld.evaluate import vae_psnr
@@ -207,8 +207,8 @@ def test_toy_null_text_reconstructs_as_well_as_the_vae(toy, toy_scenes):
     assert reconstruction_quality(toy, toy_scenes, "negative-prompt", 10)["psnr"] >= vae - 2.0
     assert reconstruction_quality(toy, toy_scenes, "ddim", 10)["psnr"] <= null_text["psnr"] - 1.5
     # early stopping (step i stops below eps + 2e-5 i): at 10 steps every loss stays above 2e-2,
-    # so eps 2e-2 runs all 100 iterations; eps 5e-2 measured 79.5 of 100 (mean of the 2 scenes),
-    # 0.34 dB below the full run; eps 6e-2: 76.0 and 0.53 dB below; eps 0.12: 23.5 and 1.48 dB
+    # so eps 2e-2 runs all 100 iterations; eps 5e-2 measured 79.0 of 100 (mean of the 2 scenes),
+    # 0.13 dB below the full run; eps 6e-2: 73.0 and 0.18 dB below; eps 0.12: 37.0 and 1.45 dB
     # below. (The bar, a third of the iterations within 0.5 dB, is not met by this toy
     # model at 50 steps: see docs/methods.md.)
     early = reconstruction_quality(toy, toy_scenes, "null-text", 10, early_stop_epsilon=5e-2)

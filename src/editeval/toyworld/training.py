@@ -3,12 +3,12 @@
     python -m editeval.toyworld.training data  --work toy_training
     python -m editeval.toyworld.training vae   --work toy_training --steps 4000 --threads 2
     python -m editeval.toyworld.training clip  --work toy_training --steps 4500 --threads 2
+    python -m editeval.toyworld.training clip  --work toy_training --steps 6500 --shape-negatives
     python -m editeval.toyworld.training unet  --work toy_training --steps 6000 --threads 2
-    python -m editeval.toyworld.training ip2p  --work toy_training --steps 3000 --threads 2
+    python -m editeval.toyworld.training ip2p  --work toy_training --steps 14000 --threads 2
     python -m editeval.toyworld.training export --work toy_training
 
-(The shipped InstructPix2Pix was then resumed to ``--steps 6000``, ``10000`` and ``14000``; see
-docs/toyworld.md.)
+(How the shipped CLIP got to its 4500 steps differs: see docs/toyworld.md.)
 
 (``decoder`` optionally fine-tunes the VAE's decoder alone, any time after ``vae``.)
 
@@ -28,7 +28,7 @@ Models:
   (colour, size, texture, or shape with its pose) changed, so that the text tower must encode
   every attribute word (plain CLIP's loss let it nearly merge "circle" and "square"); with
   ``--shape-negatives`` a second one per caption that changes a shape, half of the time only its
-  pose (those negatives are rare among the first kind; not yet used for the shipped CLIP).
+  pose (those negatives are rare among the first kind; the shipped CLIP's last 2000 steps).
 - UNet2DConditionModel on the frozen CLIP text tower, SD's noise schedule (scaled_linear,
   0.00085..0.012, 1000 steps), epsilon prediction, 10% caption dropout for classifier-free guidance.
 - InstructPix2Pix-style UNet (8 input channels: noisy latents + the source's unscaled latents,
