@@ -195,8 +195,8 @@ def toy():
 def test_toy_null_text_reconstructs_as_well_as_the_vae(toy, toy_scenes):
     # Measured on these 2 scenes at 10 steps: VAE 33.06 dB, null-text 32.00 dB (all 100
     # iterations), negative-prompt inversion 32.14 dB, DDIM inversion sampled at 7.5 29.97 dB.
-    # Ten steps leave null-text 1.3 dB short of the VAE; at the bar's 50 steps on 4 scenes
-    # (benchmarks/inversion.py) it is 0.03 dB short: VAE 30.67, null-text 30.64, DDIM 26.79.
+    # Ten steps leave null-text 1.1 dB short of the VAE; at the bar's 50 steps on 4 scenes
+    # (benchmarks/inversion.py) it is 0.04 dB short: VAE 30.67, null-text 30.63, DDIM 26.57.
     from editeval.toyworld.evaluate import vae_psnr
     from editeval.toyworld.p2p_quality import reconstruction_quality
 
