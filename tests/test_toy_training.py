@@ -1,5 +1,5 @@
 """The toy models' training loop: checkpoints record the architecture, resume exactly, and the
-VAE's loss weights object pixels."""
+VAE's loss weights object pixels (and, for the decoder, normalises contrast)."""
 
 from __future__ import annotations
 
@@ -103,6 +103,20 @@ def test_reconstruction_loss_weights_object_pixels():
     weights = torch.tensor([OBJECT_WEIGHT, 1.0, 1.0, 1.0])
     expected = (OBJECT_WEIGHT * 0.09 + 0.01) / weights.sum()
     assert _reconstruction_loss(recon, x).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_contrast_normalised_loss_weighs_a_darkened_scene_as_much_as_the_scene():
+    x = torch.tensor([-0.5, 0.5, 0.5, -0.5]).reshape(1, 1, 2, 2).repeat(1, 3, 1, 1)  # grey
+    recon = x.clone()
+    recon[0, :, 0, 0] += 0.2  # grey pixels have saturation 0: every weight is 1
+    variance = 12 * 0.25 / 11  # torch's unbiased variance of the 12 values +-0.5
+    by_hand = (3 * 0.04 / 12) * 0.7 / variance
+    assert _reconstruction_loss(recon, x, 0.7).item() == pytest.approx(by_hand, rel=1e-6)
+    dark, dark_recon = 0.35 * x, 0.35 * recon  # night's gain on contrast and on the error
+    assert (_reconstruction_loss(dark_recon, dark, 0.7).item()
+            == pytest.approx(_reconstruction_loss(recon, x, 0.7).item(), rel=1e-5))
+    assert (_reconstruction_loss(dark_recon, dark).item()
+            == pytest.approx(0.35 ** 2 * _reconstruction_loss(recon, x).item(), rel=1e-5))
 
 
 def test_instruction_unet_starts_as_the_text_to_image_unet():

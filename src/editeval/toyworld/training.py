@@ -2,6 +2,7 @@
 
     python -m editeval.toyworld.training data  --work toy_training
     python -m editeval.toyworld.training vae   --work toy_training --steps 4000 --threads 2
+    python -m editeval.toyworld.training decoder --work toy_training --steps 1500
     python -m editeval.toyworld.training clip  --work toy_training --steps 4500 --threads 2
     python -m editeval.toyworld.training clip  --work toy_training --steps 6500 --shape-negatives
     python -m editeval.toyworld.training unet  --work toy_training --steps 6000 --threads 2
@@ -10,7 +11,8 @@
 
 (How the shipped CLIP got to its 4500 steps differs: see docs/toyworld.md.)
 
-(``decoder`` optionally fine-tunes the VAE's decoder alone, any time after ``vae``.)
+(``decoder`` fine-tunes the VAE's decoder alone, any time after ``vae``: the latent space the UNets
+learn on does not change.)
 
 Each stage is reproducible from ``--seed``, shows a progress bar, writes a checkpoint (model,
 optimiser, step, random state) at least every ``--checkpoint-seconds`` and resumes from it when run
@@ -20,9 +22,9 @@ again, so a killed run loses at most that much work. ``export`` writes the diffu
 Models:
 - AutoencoderKL: 64x64x3 <-> 8x8x4 (SD's factor 8), trained with MSE (object pixels weighted 5x)
   plus a small KL term (weight 1e-6); the latent scaling factor is 1 / std of the training
-  latents, as SD's 0.18215. Optionally its decoder alone is then fine-tuned with the encoder
-  frozen (``decoder``), which sharpens reconstructions and keeps the latent space the UNets learn
-  on.
+  latents, as SD's 0.18215. Its decoder alone is then fine-tuned with the encoder frozen
+  (``decoder``) on a contrast-normalised loss, which sharpens night scenes and keeps the latent
+  space the UNets learn on.
 - CLIP (text and image towers, the real CLIP BPE tokenizer), trained contrastively on captions
   with NegCLIP's hard negatives: each caption also enters the batch with one object attribute
   (colour, size, texture, or shape with its pose) changed, so that the text tower must encode
@@ -220,14 +222,25 @@ def _pixels(batch: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def _reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _reconstruction_loss(recon: torch.Tensor, x: torch.Tensor,
+                         reference_variance: float | None = None) -> torch.Tensor:
     """MSE with object pixels (saturation above 0.5; backgrounds stay below) weighted
-    ``OBJECT_WEIGHT``: they cover a tenth of an image and carry every attribute the oracle reads."""
+    ``OBJECT_WEIGHT``: they cover a tenth of an image and carry every attribute the oracle reads.
+
+    With ``reference_variance``, contrast-normalised: each image's weighted MSE is multiplied by
+    ``reference_variance`` over the image's own pixel variance, so that a night scene (gain 0.35:
+    an eighth of a photo's variance, and errors that look 3 times larger once brightened) weighs
+    as much as a photo instead of an eighth. ``recon``, ``x``: float (B, 3, H, W) in [-1, 1].
+    """
     rgb = (x + 1) / 2
     high = rgb.amax(1, keepdim=True)
     saturated = (high - rgb.amin(1, keepdim=True)) / high.clamp(min=1e-3) > 0.5
     weight = 1 + (OBJECT_WEIGHT - 1) * saturated.float()
-    return (weight * (recon - x) ** 2).mean() / weight.mean()
+    if reference_variance is None:
+        return (weight * (recon - x) ** 2).mean() / weight.mean()
+    dims = (1, 2, 3)
+    per_image = (weight * (recon - x) ** 2).mean(dim=dims) / weight.mean(dim=dims)
+    return (per_image * reference_variance / x.var(dim=dims)).mean()
 
 
 def train_vae(work: Path, steps: int, seed: int, every: float, batch: int = 32) -> None:
@@ -244,12 +257,15 @@ def train_vae(work: Path, steps: int, seed: int, every: float, batch: int = 32) 
 
 
 def train_decoder(work: Path, steps: int, seed: int, every: float, batch: int = 32) -> None:
-    """Fine-tune the VAE's decoder with the encoder frozen (``vae_decoder.ckpt``).
+    """Fine-tune the VAE's decoder with the encoder frozen (``vae_decoder.ckpt``), with the
+    contrast-normalised reconstruction loss (the VAE's own loss let night scenes blur: the oracle
+    read back 69% of their shapes after the VAE, against 92% of photos').
 
     The latent space stays exactly as the UNets were trained on, so this sharpens reconstructions
     without retraining anything downstream.
     """
     images = np.load(work / "scenes.npy")
+    reference_variance = float(_pixels(images[:2000]).var(dim=(1, 2, 3)).mean())
 
     def build():
         vae = new_vae()
@@ -264,7 +280,7 @@ def train_decoder(work: Path, steps: int, seed: int, every: float, batch: int = 
         x = _pixels(images[rng.integers(0, len(images), batch)])
         with torch.no_grad():
             latents = run.model.encode(x).latent_dist.sample()
-        return _reconstruction_loss(run.model.decode(latents).sample, x)
+        return _reconstruction_loss(run.model.decode(latents).sample, x, reference_variance)
 
     run.train(steps, loss_fn, every, "decoder")
 
@@ -456,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=20000)
     parser.add_argument("--shape-negatives", action="store_true",
                         help="clip: a second hard negative per caption that changes a shape, half "
-                             "of the time only its pose (not used for the shipped CLIP)")
+                             "of the time only its pose (the shipped CLIP's last 2000 steps)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
