@@ -7,9 +7,11 @@
     python -m editeval.toyworld.training clip  --work toy_training --steps 6500 --shape-negatives
     python -m editeval.toyworld.training unet  --work toy_training --steps 6000 --threads 2
     python -m editeval.toyworld.training ip2p  --work toy_training --steps 14000 --threads 2
+    python -m editeval.toyworld.training unet  --work toy_training --steps 16000 --threads 2
     python -m editeval.toyworld.training export --work toy_training
 
-(How the shipped CLIP got to its 4500 steps differs: see docs/toyworld.md.)
+(How the shipped CLIP got to its 4500 steps differs: see docs/toyworld.md. ``ip2p`` starts from
+``unet.ckpt`` as it stands, for the shipped weights the 6000-step UNet, before its resume to 16000.)
 
 (``decoder`` fine-tunes the VAE's decoder alone, any time after ``vae``: the latent space the UNets
 learn on does not change.)
