@@ -127,3 +127,13 @@ def test_bench_on_the_toy_split(tmp_path):
     with ResultStore(config.out) as store:
         sizes = {Image.open(config.out / row.image_path).size for row in store.rows()}
     assert sizes == {(64, 64)}
+
+
+def test_eta_counts_each_method_at_its_own_pace():
+    from editeval.bench.runner import remaining_seconds
+
+    # a: 2 jobs done at 1 s and 3 s (mean 2), b: 1 job at 10 s; 1 a-job and 2 b-jobs left
+    assert remaining_seconds({"a": [1.0, 3.0], "b": [10.0]}, {"a": 1, "b": 2}) == 22.0
+    # a method not yet run is estimated at the mean of every finished job (14 / 3 s)
+    assert remaining_seconds({"a": [1.0, 3.0], "b": [10.0]}, {"c": 3}) == pytest.approx(14.0)
+    assert remaining_seconds({}, {"a": 5}) == 0.0

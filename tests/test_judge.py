@@ -269,6 +269,7 @@ def test_oracle_judge_and_leaderboard(toy_run, tmp_path):
     result = runner.invoke(app, ["score", str(toy_run), "--judge", "oracle"])
     assert result.exit_code == 0, result.output
     assert "| 1 | alpha | 10.00 | 0.00 | 3 | 0/3 |" in result.output
+    assert "computed by the oracle from ground truth (no model requests)" in result.output
     table, identity = leaderboard(toy_run)
     assert identity["judge"] == "oracle"
     assert list(table["method"]) == ["alpha", "beta"] and table["mean"][0] == 10.0

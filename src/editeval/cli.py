@@ -197,7 +197,9 @@ def score(
             except FileNotFoundError as err:
                 raise ValueError(str(err)) from None
             statuses = ", ".join(f"{n} {s}" for s, n in sorted(summary.statuses.items())) or "none"
-            errors.print(f"{summary.requests} requests sent; items judged now: {statuses}; "
+            sent = (f"{summary.requests} requests sent" if backend.name != "oracle"
+                    else "computed by the oracle from ground truth (no model requests)")
+            errors.print(f"{sent}; items judged now: {statuses}; "
                          f"{summary.skipped_items} judged before")
             if summary.budget_exhausted:
                 errors.print(f"[yellow]request budget of {budget} spent: rerun to continue")

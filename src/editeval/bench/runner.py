@@ -8,8 +8,9 @@ so the same call after a crash or a kill picks up where it stopped.
 from __future__ import annotations
 
 import os
+import time
 import traceback
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,6 @@ from rich.progress import (
     Progress,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 
 from editeval import __version__
@@ -147,17 +147,22 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchSumma
     with ResultStore(config.out) as store:
         store.check_config(config.identity())
         inversions = InversionCache(store.run_dir / "inversions")  # shared by the run's methods
+        spent: dict[str, list[float]] = defaultdict(list)  # wall seconds per job, by method
+        left = Counter(job.method for job in pending)
         with _progress(console) as progress:
-            task = progress.add_task("editing", total=len(jobs), completed=summary.skipped)
+            task = progress.add_task("editing", total=len(jobs), completed=summary.skipped,
+                                     eta="-:--:--")
             for number, job in enumerate(pending, start=summary.skipped + 1):
                 progress.update(task, description=f"{job.method} {job.sample.id}")
+                started = time.perf_counter()
                 _run_job(job, pipes[cards[job.method].model_kind], config, store, summary,
                          inversions)
-                progress.advance(task)
+                spent[job.method].append(time.perf_counter() - started)
+                left[job.method] -= 1
+                eta = remaining_seconds(spent, left)
+                progress.update(task, advance=1, eta=_clock(eta))
                 if not console.is_terminal:  # a log file gets one line per job instead of a bar
                     elapsed = progress.tasks[0].elapsed or 0.0
-                    done_now = number - summary.skipped
-                    eta = elapsed / done_now * (len(jobs) - number)
                     console.print(f"[{number}/{len(jobs)}] {job.job_id} "
                                   f"{'failed' if job.job_id in summary.errors else 'done'}; "
                                   f"elapsed {elapsed:.0f} s, ETA {eta:.0f} s", highlight=False)
@@ -194,14 +199,31 @@ def _run_job(job: Job, pipe: Any, config: BenchConfig, store: ResultStore,
     summary.done += 1
 
 
+def remaining_seconds(spent: Mapping[str, Sequence[float]], left: Mapping[str, int]) -> float:
+    """Wall seconds the jobs still to run should take: ``left[method]`` jobs each at that
+    method's mean of ``spent`` (seconds per finished job) so far, and a method with none finished
+    yet at the mean of all finished jobs. Methods cost very differently (SDEdit 50 UNet
+    evaluations, PnP over 1000), and jobs run method by method, so one overall rate misleads."""
+    everything = [seconds for values in spent.values() for seconds in values]
+    if not everything:
+        return 0.0
+    overall = sum(everything) / len(everything)
+    return sum(count * (sum(spent[method]) / len(spent[method]) if spent.get(method) else overall)
+               for method, count in left.items())
+
+
+def _clock(seconds: float) -> str:
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
 def _progress(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description:<40}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
+        TextColumn("ETA {task.fields[eta]}"),
         console=console,
     )
 

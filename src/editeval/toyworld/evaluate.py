@@ -152,14 +152,21 @@ def main(argv: list[str] | None = None) -> None:
     from editeval.data import load_dataset
     from editeval.models import load_pipeline
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Prints a Markdown table of each measure with the toy-world issue's bar; the "
+               "numbers of the shipped weights: docs/toyworld.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="toy", help="suite name, or a text-to-image folder")
     parser.add_argument("--instruction-model", default=None,
-                        help="instruction folder (default: the suite's instruction checkpoint)")
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--ip2p-steps", type=int, default=50)
-    parser.add_argument("--skip", nargs="*", default=[],
+                        help="instruction folder (none: the suite's instruction checkpoint)")
+    parser.add_argument("--samples", type=int, default=200,
+                        help="random scenes for the VAE, inversion, text-to-image and CLIP rows "
+                             "(InstructPix2Pix always edits all 210 editeval-toy pairs)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the random scenes")
+    parser.add_argument("--ip2p-steps", type=int, default=50,
+                        help="InstructPix2Pix sampling steps (the paper's default is 100)")
+    parser.add_argument("--skip", nargs="*", default=[], help="measures to leave out",
                         choices=["vae", "inversion", "t2i", "ip2p", "clip"])
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)

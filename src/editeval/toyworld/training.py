@@ -462,16 +462,27 @@ def train_ip2p(work: Path, steps: int, seed: int, every: float, batch: int = 64)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage",
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Stages, in order: data, vae, decoder, clip, unet, ip2p (starts from unet.ckpt), "
+               "export. Every stage resumes from its checkpoint in --work when run again. The "
+               "commands and measured times of the shipped weights: docs/toyworld.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("stage", help="what to build",
                         choices=["data", "vae", "decoder", "clip", "unet", "ip2p", "export"])
-    parser.add_argument("--work", type=Path, default=Path("toy_training"))
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=Path("toy_training"),
+                        help="folder for the data, checkpoints and logs of every stage")
+    parser.add_argument("--steps", type=int, default=3000,
+                        help="train until this optimiser step (a larger value on a finished run "
+                             "resumes it with a longer cosine schedule)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data and initial weights")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--checkpoint-seconds", type=float, default=120.0)
-    parser.add_argument("--scenes", type=int, default=20000)
-    parser.add_argument("--pairs", type=int, default=20000)
+    parser.add_argument("--checkpoint-seconds", type=float, default=120.0,
+                        help="write a resumable checkpoint at least this often")
+    parser.add_argument("--scenes", type=int, default=20000,
+                        help="data: rendered scenes with captions (for the VAE, CLIP and UNet)")
+    parser.add_argument("--pairs", type=int, default=20000,
+                        help="data: edit pairs with instructions (for InstructPix2Pix)")
     parser.add_argument("--shape-negatives", action="store_true",
                         help="clip: a second hard negative per caption that changes a shape, half "
                              "of the time only its pose (the shipped CLIP's last 2000 steps)")
