@@ -39,29 +39,26 @@ def _batches(items: list, size: int):
 
 
 @torch.no_grad()
-def vae_psnr(pipe: Any, scenes: list) -> float:
-    """Mean PSNR (dB) of VAE encode (posterior mean) then decode."""
+def _vae_round_trip(pipe: Any, image: np.ndarray) -> np.ndarray:
+    """VAE encode (posterior mean) then decode of a uint8 RGB image."""
     from editeval.diffusion.latents import decode_latents, encode_image
 
-    values = []
-    for scene in scenes:
-        image = render(scene)
-        restored = decode_latents(pipe, encode_image(pipe, Image.fromarray(image)))
-        values.append(psnr(np.asarray(restored), image))
-    return float(np.mean(values))
+    return np.asarray(decode_latents(pipe, encode_image(pipe, Image.fromarray(image))))
 
 
-@torch.no_grad()
+def vae_psnr(pipe: Any, scenes: list) -> float:
+    """Mean PSNR (dB) of VAE encode (posterior mean) then decode."""
+    images = [render(scene) for scene in scenes]
+    return float(np.mean([psnr(_vae_round_trip(pipe, image), image) for image in images]))
+
+
 def vae_shape_accuracy(pipe: Any, scenes: list) -> float:
     """Share (0..1) of objects whose shape the oracle reads back, by slot, from the VAE's encode
     (posterior mean) then decode of the clean render: the ceiling of text-to-image shape accuracy
     for samplers that produce the encoder's latents."""
-    from editeval.diffusion.latents import decode_latents, encode_image
-
     hits = []
     for scene in scenes:
-        restored = decode_latents(pipe, encode_image(pipe, Image.fromarray(render(scene))))
-        seen = parse(np.asarray(restored))
+        seen = parse(_vae_round_trip(pipe, render(scene)))
         hits += [getattr(seen.objects.get(o.slot), "shape", None) == o.shape
                  for o in scene.objects]
     return float(np.mean(hits))
