@@ -3,6 +3,8 @@ VAE's loss weights object pixels (and, for the decoder, normalises contrast)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,7 @@ from editeval.toyworld.training import (
     instruction_unet_from,
     load_weights,
     new_unet,
+    save_checkpoint,
 )
 
 
@@ -223,3 +226,43 @@ def test_a_shape_negative_changes_one_shape_and_often_only_its_pose():
         "a small red circle on the left, on sand")
     with pytest.raises(ValueError, match="no object shape"):
         shape_negative("on sand, at night", rng)
+
+
+def test_an_imported_checkpoint_warms_a_fresh_optimiser_up_from_its_step(tmp_path):
+    torch.manual_seed(0)
+    model = _tiny_vae()
+    save_checkpoint(tmp_path / "imported.ckpt", model, 100, optimizer=None,
+                    numpy_rng=np.random.default_rng(1).bit_generator.state,
+                    torch_rng=torch.get_rng_state(), warmup_from=100)
+    run = Checkpointed(tmp_path / "imported.ckpt", _tiny_vae, lr=1e-2, seed=3)
+    assert run.step == 100 and not run.optimizer.state  # no AdamW moments were exported
+    assert torch.equal(run.model.decoder.conv_out.weight, model.decoder.conv_out.weight)
+    run.train(101, _loss(run.model), every_seconds=1e9, desc="imported")
+    # step 100 of a 101-step cosine, first of 200 warm-up steps
+    expected = 1e-2 * 0.5 * (1 + np.cos(np.pi * 100 / 101)) / 200
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+    run.train(102, _loss(run.model), every_seconds=1e9, desc="imported")
+    resumed = Checkpointed(tmp_path / "imported.ckpt", _tiny_vae, lr=1e-2, seed=3)
+    assert (resumed.step, resumed.warmup_from) == (102, 100)  # a crash keeps the warm-up's start
+
+
+def test_import_then_export_gives_back_the_shipped_weights_bit_for_bit(tmp_path):
+    from safetensors.torch import load_file
+
+    from editeval.toyworld.models import WEIGHTS, export, import_checkpoints
+
+    steps = import_checkpoints(tmp_path / "work")
+    assert steps == json.loads((WEIGHTS / "training.json").read_text())
+    assert torch.load(tmp_path / "work" / "unet.ckpt", weights_only=False)["step"] == steps["unet"]
+    export(tmp_path / "work", tmp_path / "out")
+    shipped = sorted(WEIGHTS.rglob("*.safetensors"))
+    assert len(shipped) == 5
+    for path in shipped:
+        a, b = load_file(path), load_file(tmp_path / "out" / path.relative_to(WEIGHTS))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path
+    for path in WEIGHTS.rglob("*.json"):
+        assert (tmp_path / "out" / path.relative_to(WEIGHTS)).read_text() == path.read_text()
+    with pytest.raises(FileExistsError, match="new --work folder"):
+        import_checkpoints(tmp_path / "work")
+    with pytest.raises(FileNotFoundError, match="training.json"):
+        import_checkpoints(tmp_path / "other", weights=tmp_path / "work")

@@ -7,7 +7,11 @@
 - ``ip2p/``: ``StableDiffusionInstructPix2PixPipeline`` (the 8-channel UNet, Euler ancestral
   scheduler); its VAE, text encoder and tokenizer are symbolic links to ``sd/``'s;
 - ``clip/``: the full toy ``CLIPModel`` with a ``CLIPProcessor`` (for CLIP-based metrics); its
-  ``tokenizer.json`` is a link to ``sd/``'s.
+  ``tokenizer.json`` is a link to ``sd/``'s;
+- ``training.json``: the optimiser step each model was trained to.
+
+``import_checkpoints(work)`` is the inverse: training checkpoints from the exported weights, so that
+training resumes from the shipped models on a machine that has only the repository.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import torch
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 SHARED_COMPONENTS = ("vae", "text_encoder", "tokenizer")
+# training checkpoint -> exported folder (and subfolder) that holds its model
+EXPORTED = {"vae": ("sd", "vae"), "vae_decoder": ("sd", "vae"), "clip": ("clip", None),
+            "unet": ("sd", "unet"), "ip2p": ("ip2p", "unet")}
 
 
 def checkpoint(kind: str) -> Path:
@@ -88,5 +95,74 @@ def export(work: Path, out: Path = WEIGHTS) -> None:
     (out / "clip" / "tokenizer.json").unlink()  # the same file as sd's: link it
     os.symlink(Path("..") / "sd" / "tokenizer" / "tokenizer.json", out / "clip" / "tokenizer.json")
     sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
-             for p in out.iterdir()}
+             for p in out.iterdir() if p.is_dir()}
     (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
+    steps = {name: torch.load(work / f"{name}.ckpt", weights_only=False)["step"]
+             for name in EXPORTED if (work / f"{name}.ckpt").exists()}
+    (out / "training.json").write_text(json.dumps(steps, indent=1))
+
+
+def _architecture(config: dict) -> dict:
+    """``config`` without what saving adds or export sets (dtype, class names, latent scale)."""
+    return {k: _architecture(v) if isinstance(v, dict) else v for k, v in config.items()
+            if k not in ("architectures", "dtype", "torch_dtype", "scaling_factor")}
+
+
+def import_checkpoints(work: Path, weights: Path = WEIGHTS, seed: int = 0) -> dict[str, int]:
+    """Write training checkpoints into ``work`` from the exported weights in ``weights``, so that
+    any stage resumes from them; returns the step of each checkpoint written.
+
+    Each checkpoint gets the step its model was trained to (``training.json``), the weights in
+    fp32 (from the exported fp16) and no optimiser state (AdamW's moments are not exported): the
+    resumed stage starts a fresh optimiser, warms its learning rate up again over
+    ``WARMUP_STEPS`` and then follows its cosine schedule from that step. ``vae.ckpt`` and
+    ``vae_decoder.ckpt`` both get the exported VAE (its encoder made the latents the UNets learnt
+    on; its decoder is the fine-tuned one), and ``latent_scale.json`` its scaling factor.
+
+    Raises:
+        FileNotFoundError: ``weights`` has no ``training.json`` (export it again).
+        FileExistsError: ``work`` already holds one of the checkpoints (importing would discard
+            its training; use a new --work folder).
+        ValueError: an exported model has another architecture than the training code builds.
+    """
+    import numpy as np
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel
+
+    from editeval.toyworld.training import (
+        model_config, new_clip, new_unet, new_vae, save_checkpoint,
+    )
+
+    record = weights / "training.json"
+    if not record.exists():
+        raise FileNotFoundError(f"{record} not found: it records each model's training step; "
+                                "export the weights again with a current editeval")
+    steps = json.loads(record.read_text())
+    existing = [name for name in steps if (work / f"{name}.ckpt").exists()]
+    if existing:
+        raise FileExistsError(f"{work} already holds {', '.join(existing)}.ckpt; importing would "
+                              "discard that training: import into a new --work folder")
+    build = {"vae": new_vae, "vae_decoder": new_vae, "clip": new_clip,
+             "unet": lambda: new_unet(4), "ip2p": lambda: new_unet(8)}
+    work.mkdir(parents=True, exist_ok=True)
+    for name, step in steps.items():
+        folder, subfolder = EXPORTED[name]
+        loader = {"clip": CLIPModel}.get(name, AutoencoderKL if subfolder == "vae"
+                                         else UNet2DConditionModel)
+        kwargs = {"subfolder": subfolder} if subfolder else {}
+        exported = loader.from_pretrained(weights / folder, torch_dtype=torch.float32, **kwargs)
+        model = build[name]()
+        expected, found = _architecture(model_config(model)), _architecture(model_config(exported))
+        differs = [k for k in expected if found.get(k) != expected[k]]
+        if differs:
+            raise ValueError(f"{weights / folder} has another architecture than training builds "
+                             f"for {name} ({', '.join(differs)})")
+        model.load_state_dict(exported.state_dict())
+        save_checkpoint(work / f"{name}.ckpt", model, step, optimizer=None,
+                        numpy_rng=np.random.default_rng([seed, step]).bit_generator.state,
+                        torch_rng=torch.Generator().manual_seed(seed + step).get_state(),
+                        warmup_from=step)
+        if name == "vae":
+            (work / "latent_scale.json").write_text(
+                json.dumps({"scaling_factor": exported.config.scaling_factor}))
+    return steps

@@ -13,6 +13,10 @@
 (How the shipped CLIP got to its 4500 steps differs: see docs/toyworld.md. ``ip2p`` starts from
 ``unet.ckpt`` as it stands, for the shipped weights the 6000-step UNet, before its resume to 16000.)
 
+(Checkpoints stay on the machine that trained them; ``import`` makes them again from the exported
+weights, so a new machine goes on from the shipped models: ``data``, ``import``, then e.g. ``unet
+--steps 26000``. The optimiser state is not exported, so the resumed stage warms up a fresh AdamW.)
+
 (``decoder`` fine-tunes the VAE's decoder alone, any time after ``vae``: the latent space the UNets
 learn on does not change.)
 
@@ -61,6 +65,7 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                 beta_schedule="scaled_linear")
 TEXT_DIM = 64
 OBJECT_WEIGHT = 5.0  # weight of object pixels in the VAE's reconstruction loss
+WARMUP_STEPS = 200  # linear learning-rate warm-up of a fresh AdamW
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,6 +142,20 @@ def load_weights(model: torch.nn.Module, path: Path) -> dict:
     return state
 
 
+def save_checkpoint(path: Path, model: torch.nn.Module, step: int, *, optimizer: dict | None,
+                    numpy_rng: dict, torch_rng: torch.Tensor, warmup_from: int = 0) -> None:
+    """Write a training checkpoint atomically (a killed write leaves the previous one whole).
+
+    ``optimizer`` is the AdamW state, or None for weights imported from an export (the run then
+    starts a fresh optimiser, whose learning rate warms up again from ``warmup_from``).
+    """
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "config": model_config(model),
+                "optimizer": optimizer, "step": step, "warmup_from": warmup_from,
+                "numpy_rng": numpy_rng, "torch_rng": torch_rng}, tmp)
+    os.replace(tmp, path)
+
+
 class Checkpointed:
     """A model + AdamW optimiser whose state is saved atomically and restored on start.
 
@@ -151,23 +170,21 @@ class Checkpointed:
         self.model = model = build()
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
-        self.step = 0
+        self.step = self.warmup_from = 0
         self.rng = np.random.default_rng(seed)
         if path.exists():
             state = load_weights(model, path)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.step = state["step"]
+            if state["optimizer"] is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
+            self.step, self.warmup_from = state["step"], state.get("warmup_from", 0)
             self.rng.bit_generator.state = state["numpy_rng"]
             torch.set_rng_state(state["torch_rng"])
         self._saved_at = time.monotonic()
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({"model": self.model.state_dict(), "config": model_config(self.model),
-                    "optimizer": self.optimizer.state_dict(),
-                    "step": self.step, "numpy_rng": self.rng.bit_generator.state,
-                    "torch_rng": torch.get_rng_state()}, tmp)
-        os.replace(tmp, self.path)
+        save_checkpoint(self.path, self.model, self.step, optimizer=self.optimizer.state_dict(),
+                        numpy_rng=self.rng.bit_generator.state, torch_rng=torch.get_rng_state(),
+                        warmup_from=self.warmup_from)
         self._saved_at = time.monotonic()
 
     def train(self, steps: int, loss_fn, every_seconds: float, desc: str) -> None:
@@ -175,11 +192,13 @@ class Checkpointed:
 
         The rate of each step is computed from the constructor's ``lr`` and the step alone (not
         read back from the optimiser, whose saved state holds the last step's decayed rate), so a
-        resumed run continues the schedule exactly.
+        resumed run continues the schedule exactly. The rate warms up linearly over
+        ``WARMUP_STEPS`` from the start, and again from an imported step (a fresh optimiser).
         """
         bar = tqdm(total=steps, initial=self.step, desc=desc, mininterval=10, smoothing=0.05)
         while self.step < steps:
-            scale = 0.5 * (1 + np.cos(np.pi * self.step / steps)) * min(1.0, (self.step + 1) / 200)
+            warmup = min(1.0, (self.step - self.warmup_from + 1) / WARMUP_STEPS)
+            scale = 0.5 * (1 + np.cos(np.pi * self.step / steps)) * warmup
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr * scale
             loss = loss_fn(self.rng)
@@ -465,11 +484,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog="Stages, in order: data, vae, decoder, clip, unet, ip2p (starts from unet.ckpt), "
-               "export. Every stage resumes from its checkpoint in --work when run again. The "
-               "commands and measured times of the shipped weights: docs/toyworld.md.",
+               "export. Every stage resumes from its checkpoint in --work when run again. To go "
+               "on from the shipped weights on a new machine: data, then import, then the stage "
+               "with more --steps. The commands and measured times of the shipped weights: "
+               "docs/toyworld.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("stage", help="what to build",
-                        choices=["data", "vae", "decoder", "clip", "unet", "ip2p", "export"])
+                        choices=["data", "vae", "decoder", "clip", "unet", "ip2p", "export",
+                                 "import"])
     parser.add_argument("--work", type=Path, default=Path("toy_training"),
                         help="folder for the data, checkpoints and logs of every stage")
     parser.add_argument("--steps", type=int, default=3000,
@@ -483,6 +505,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="data: rendered scenes with captions (for the VAE, CLIP and UNet)")
     parser.add_argument("--pairs", type=int, default=20000,
                         help="data: edit pairs with instructions (for InstructPix2Pix)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="import: the exported weights to make checkpoints of (default: the "
+                             "shipped ones)")
     parser.add_argument("--shape-negatives", action="store_true",
                         help="clip: a second hard negative per caption that changes a shape, half "
                              "of the time only its pose (the shipped CLIP's last 2000 steps)")
@@ -495,6 +520,11 @@ def main(argv: list[str] | None = None) -> None:
         from editeval.toyworld.models import export
 
         export(args.work)
+    elif args.stage == "import":
+        from editeval.toyworld.models import WEIGHTS, import_checkpoints
+
+        steps = import_checkpoints(args.work, args.weights or WEIGHTS, args.seed)
+        print("imported " + ", ".join(f"{name}.ckpt (step {step})" for name, step in steps.items()))
     else:
         trainer = {"vae": train_vae, "decoder": train_decoder, "clip": train_clip,
                    "unet": train_unet, "ip2p": train_ip2p}[args.stage]
