@@ -164,3 +164,22 @@ def test_verify_write_keeps_what_follows_the_table():
     assert _after_table(document) == "\n## What the table says\n\nHand-written.\n"
     assert _after_table("# Methods\n\nNo table yet.\n") == ""
     assert _after_table("# Methods\n\n| method | paper |\n|---|---|\n") == ""  # table ends the file
+
+
+def test_generation_accuracy_and_shape_confusion_count_by_slot():
+    from editeval.toyworld.evaluate import generation_accuracy, shape_confusion
+    from editeval.toyworld.oracle import ParsedObject, ParsedScene
+
+    clean = parse(render(SCENE))
+    assert generation_accuracy([SCENE], [clean]) == {"background": 1.0, "shape": 1.0, "colour": 1.0}
+    # the middle square read as a red circle, nothing on the right, grass for sand
+    left = clean.objects["left"]
+    wrong = ParsedScene("night", "grass", {
+        "left": left,
+        "middle": ParsedObject("middle", "circle", "red", "plain", "small", None, 40),
+    })
+    accuracy = generation_accuracy([SCENE, SCENE], [clean, wrong])
+    assert accuracy == {"background": 0.5, "shape": 4 / 6, "colour": 4 / 6}
+    confusion = shape_confusion([SCENE, SCENE], [clean, wrong])
+    assert confusion == {"circle": {"circle": 2}, "square": {"square": 1, "circle": 1},
+                         "triangle": {"triangle": 1, None: 1}}

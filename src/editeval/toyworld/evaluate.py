@@ -7,7 +7,8 @@ Measures (the bars of the toy-world issue in brackets):
   reads back from those reconstructions (no bar: the most text-to-image can reach on these latents);
 - DDIM inversion then reconstruction, 50 steps, guidance 1, PSNR against the scene [>= 25 dB];
 - text-to-image, 50 DDIM steps, guidance 7.5: share of objects whose shape and colour the oracle
-  reads as the caption says (matched by slot) and of backgrounds [each >= 90%];
+  reads as the caption says (matched by slot) and of backgrounds [each >= 90%], and a second
+  table of what each shape was read as;
 - toy InstructPix2Pix on ``editeval-toy``: oracle edit success averaged over the 7 tasks [>= 70%]
   and PSNR of the unedited region against the ground-truth target [>= 25 dB];
 - toy CLIP (no bar): how often its CLIPScore prefers a scene's caption to the caption with one
@@ -17,7 +18,7 @@ Measures (the bars of the toy-world issue in brackets):
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import numpy as np
@@ -77,27 +78,51 @@ def inversion_psnr(pipe: Any, scenes: list, steps: int = 50, guidance_scale: flo
 
 
 @torch.no_grad()
-def text_to_image_accuracy(pipe: Any, scenes: list, steps: int = 50, guidance_scale: float = 7.5,
-                           seed: int = 0, batch: int = 50) -> dict[str, float]:
-    """Share of objects with the caption's shape / colour (by slot) and of right backgrounds."""
+def text_to_image_samples(pipe: Any, scenes: list, steps: int = 50, guidance_scale: float = 7.5,
+                          seed: int = 0, batch: int = 50) -> list[np.ndarray]:
+    """One DDIM sample per scene's caption: uint8 RGB arrays (H, W, 3), generator seeded once."""
     from editeval.diffusion.ddim import ddim_scheduler
 
     generator = torch.Generator().manual_seed(seed)
-    hits: dict[str, list[bool]] = defaultdict(list)
     sampler = type(pipe)(**{**pipe.components, "scheduler": ddim_scheduler(pipe)})
     sampler.set_progress_bar_config(disable=True)
+    images = []
     for chunk in _batches(scenes, batch):
-        images = sampler([s.caption() for s in chunk], num_inference_steps=steps,
-                         guidance_scale=guidance_scale, generator=generator,
-                         output_type="np").images
-        for scene, image in zip(chunk, images):
-            seen = parse((image * 255).round().astype(np.uint8))
-            hits["background"].append(seen.background == scene.background)
-            for obj in scene.objects:
-                found = seen.objects.get(obj.slot)
-                hits["shape"].append(found is not None and found.shape == obj.shape)
-                hits["colour"].append(found is not None and found.colour == obj.colour)
+        out = sampler([s.caption() for s in chunk], num_inference_steps=steps,
+                      guidance_scale=guidance_scale, generator=generator, output_type="np").images
+        images += [(image * 255).round().astype(np.uint8) for image in out]
+    return images
+
+
+def generation_accuracy(scenes: list, seen: list) -> dict[str, float]:
+    """Share (0..1) of the ``scenes``' objects whose shape / colour the oracle's readings ``seen``
+    (one parsed scene each) give in the same slot, and of scenes whose background they give."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for scene, read in zip(scenes, seen, strict=True):
+        hits["background"].append(read.background == scene.background)
+        for obj in scene.objects:
+            found = read.objects.get(obj.slot)
+            hits["shape"].append(found is not None and found.shape == obj.shape)
+            hits["colour"].append(found is not None and found.colour == obj.colour)
     return {key: float(np.mean(values)) for key, values in hits.items()}
+
+
+def shape_confusion(scenes: list, seen: list) -> dict[str, Counter]:
+    """For each shape the scenes ask for, how often the readings ``seen`` give each shape in its
+    slot (``None``: no object read there)."""
+    confusion: dict[str, Counter] = defaultdict(Counter)
+    for scene, read in zip(scenes, seen, strict=True):
+        for obj in scene.objects:
+            found = read.objects.get(obj.slot)
+            confusion[obj.shape][found.shape if found is not None else None] += 1
+    return dict(confusion)
+
+
+def text_to_image_accuracy(pipe: Any, scenes: list, steps: int = 50,
+                           guidance_scale: float = 7.5) -> dict[str, float]:
+    """:func:`generation_accuracy` of :func:`text_to_image_samples` of the scenes' captions."""
+    images = text_to_image_samples(pipe, scenes, steps, guidance_scale)
+    return generation_accuracy(scenes, [parse(image) for image in images])
 
 
 def instruction_edit_quality(pipe: Any, samples: list, steps: int = 50) -> dict[str, Any]:
@@ -177,8 +202,10 @@ def main(argv: list[str] | None = None) -> None:
     if "inversion" not in args.skip:
         rows.append(("DDIM inversion + reconstruction PSNR, 50 steps, guidance 1 (dB)",
                      f"{inversion_psnr(sd, scenes):.2f}", ">= 25"))
+    confusion = None
     if "t2i" not in args.skip:
-        accuracy = text_to_image_accuracy(sd, scenes)
+        seen = [parse(image) for image in text_to_image_samples(sd, scenes)]
+        accuracy, confusion = generation_accuracy(scenes, seen), shape_confusion(scenes, seen)
         for key in ("shape", "colour", "background"):
             rows.append((f"text-to-image {key} correct, 50 DDIM steps, guidance 7.5",
                          f"{100 * accuracy[key]:.1f}%", ">= 90%"))
@@ -202,6 +229,13 @@ def main(argv: list[str] | None = None) -> None:
     print("| measure | value | bar |\n|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    if confusion:
+        print("\n| text-to-image: the caption's shape | drawn as it | read as instead |")
+        print("|---|---|---|")
+        for shape, counts in sorted(confusion.items()):
+            others = ", ".join(f"{n} {read or 'nothing'}" for read, n in counts.most_common()
+                               if read != shape)
+            print(f"| {shape} | {counts[shape]} of {counts.total()} | {others or '-'} |")
 
 
 if __name__ == "__main__":
