@@ -102,8 +102,13 @@ def main() -> None:
             quality = word_swap_quality(pipe, pairs, method, {"num_inference_steps": args.steps},
                                         cache)
             seconds = (time.perf_counter() - start) / len(pairs)
+            tally: dict[str, list[bool]] = {}
+            for ok, pair in zip(quality["successes"], pairs):
+                tally.setdefault(pair.attribute, []).append(ok)
+            by_word = "; ".join(f"{attribute} swaps {sum(oks)}/{len(oks)}"
+                                for attribute, oks in sorted(tally.items()))
             row(f"word swap, {method}: success / unedited PSNR",
-                f"{100 * quality['success']:.1f}% / {quality['unedited_psnr']:.2f} dB; "
+                f"{100 * quality['success']:.1f}% / {quality['unedited_psnr']:.2f} dB ({by_word}); "
                 f"{seconds:.1f} s/edit", ">= 70% / >= 25 dB")
     print("\n| measure | value | bar |\n|---|---|---|")
     for measure, value, bar in rows:

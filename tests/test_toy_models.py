@@ -21,7 +21,7 @@ from editeval.toyworld.models import WEIGHTS
 from editeval.toyworld.scenes import sample_scene
 
 # Levels measured on these samples with the shipped weights (docs/toyworld.md), minus a margin:
-# VAE 29.8 dB, inversion 32.1 dB, background 100% (16/16), colour 100%, shape 67% (22/33; 71.5%
+# VAE 29.8 dB, inversion 32.1 dB, background 100% (16/16), colour 100%, shape 70% (23/33; 76.6%
 # on the 200 scenes of docs/toyworld.md), InstructPix2Pix (20 steps) success 9/14 (76% on all
 # 210 pairs at 50 steps), unedited-region PSNR 28.9 dB.
 VAE_PSNR, INVERSION_PSNR = 28.5, 30.5
