@@ -196,7 +196,7 @@ def test_toy_null_text_reconstructs_as_well_as_the_vae(toy, toy_scenes):
     # Measured on these 2 scenes at 10 steps: VAE 34.54 dB, null-text 33.72 dB (all 100
     # iterations), negative-prompt inversion 33.75 dB, DDIM inversion sampled at 7.5 31.12 dB.
     # Ten steps leave null-text 0.8 dB short of the VAE; at the bar's 50 steps on 4 scenes
-    # (benchmarks/inversion.py) it matches it: VAE 31.48, null-text RECON_NT, DDIM RECON_DDIM.
+    # (benchmarks/inversion.py) it matches it: VAE 31.48, null-text 31.48, DDIM 27.97.
     from editeval.toyworld.evaluate import vae_psnr
     from editeval.toyworld.p2p_quality import reconstruction_quality
 
