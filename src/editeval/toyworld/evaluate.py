@@ -57,12 +57,8 @@ def vae_shape_accuracy(pipe: Any, scenes: list) -> float:
     """Share (0..1) of objects whose shape the oracle reads back, by slot, from the VAE's encode
     (posterior mean) then decode of the clean render: the ceiling of text-to-image shape accuracy
     for samplers that produce the encoder's latents."""
-    hits = []
-    for scene in scenes:
-        seen = parse(_vae_round_trip(pipe, render(scene)))
-        hits += [getattr(seen.objects.get(o.slot), "shape", None) == o.shape
-                 for o in scene.objects]
-    return float(np.mean(hits))
+    seen = [parse(_vae_round_trip(pipe, render(scene))) for scene in scenes]
+    return generation_accuracy(scenes, seen)["shape"]
 
 
 def inversion_psnr(pipe: Any, scenes: list, steps: int = 50, guidance_scale: float = 1.0) -> float:

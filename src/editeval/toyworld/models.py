@@ -25,8 +25,8 @@ import torch
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 SHARED_COMPONENTS = ("vae", "text_encoder", "tokenizer")
-# training checkpoint -> exported folder (and subfolder) that holds its model
-EXPORTED = {"vae": ("sd", "vae"), "vae_decoder": ("sd", "vae"), "clip": ("clip", None),
+# training checkpoint -> exported folder and subfolder that hold its model
+EXPORTED = {"vae": ("sd", "vae"), "vae_decoder": ("sd", "vae"), "clip": ("clip", ""),
             "unet": ("sd", "unet"), "ip2p": ("ip2p", "unet")}
 
 
@@ -142,16 +142,14 @@ def import_checkpoints(work: Path, weights: Path = WEIGHTS, seed: int = 0) -> di
     if existing:
         raise FileExistsError(f"{work} already holds {', '.join(existing)}.ckpt; importing would "
                               "discard that training: import into a new --work folder")
-    build = {"vae": new_vae, "vae_decoder": new_vae, "clip": new_clip,
-             "unet": lambda: new_unet(4), "ip2p": lambda: new_unet(8)}
+    build = {"vae": (new_vae, AutoencoderKL), "vae_decoder": (new_vae, AutoencoderKL),
+             "clip": (new_clip, CLIPModel), "unet": (lambda: new_unet(4), UNet2DConditionModel),
+             "ip2p": (lambda: new_unet(8), UNet2DConditionModel)}
     work.mkdir(parents=True, exist_ok=True)
     for name, step in steps.items():
-        folder, subfolder = EXPORTED[name]
-        loader = {"clip": CLIPModel}.get(name, AutoencoderKL if subfolder == "vae"
-                                         else UNet2DConditionModel)
-        kwargs = {"subfolder": subfolder} if subfolder else {}
-        exported = loader.from_pretrained(weights / folder, torch_dtype=torch.float32, **kwargs)
-        model = build[name]()
+        (new_model, loader), (folder, subfolder) = build[name], EXPORTED[name]
+        exported = loader.from_pretrained(weights / folder / subfolder, torch_dtype=torch.float32)
+        model = new_model()
         expected, found = _architecture(model_config(model)), _architecture(model_config(exported))
         differs = [k for k in expected if found.get(k) != expected[k]]
         if differs:
