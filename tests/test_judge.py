@@ -21,6 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from editeval.bench.store import ResultStore
+from editeval import cli
 from editeval.cli import app
 from editeval.data import Sample, load_dataset, load_image
 from editeval.judge import (
@@ -264,7 +265,7 @@ def test_repeats_report_their_spread(toy_run):
     assert list(table["repeat_spread"]) == [1.0, 1.0]  # population std of (4, 6)
 
 
-def test_oracle_judge_and_leaderboard(toy_run, tmp_path):
+def test_oracle_judge_and_leaderboard(toy_run, tmp_path, monkeypatch):
     runner = CliRunner()
     result = runner.invoke(app, ["score", str(toy_run), "--judge", "oracle"])
     assert result.exit_code == 0, result.output
@@ -280,6 +281,12 @@ def test_oracle_judge_and_leaderboard(toy_run, tmp_path):
     lines = out.read_text().splitlines()
     assert lines[0] == "task,rank,method,mean,std,n,failures,items,failure_rate,repeat_spread"
     assert lines[1].startswith("texture_change,1,alpha,10.0,0.0,3,0,3,0.0,")
+    monkeypatch.setattr(cli.console, "width", 40)  # a narrow terminal, or a pipe (80 columns)
+    for fmt in ("csv", "md"):  # printed, lines stay whole: a piped CSV must parse
+        saved = tmp_path / f"board.{fmt}"
+        runner.invoke(app, ["leaderboard", str(toy_run), "--format", fmt, "-o", str(saved)])
+        printed = runner.invoke(app, ["leaderboard", str(toy_run), "--format", fmt])
+        assert printed.output == saved.read_text()
 
 
 def test_custom_template(tmp_path):

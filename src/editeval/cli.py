@@ -24,8 +24,10 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console()
-errors = Console(stderr=True, soft_wrap=True)  # error lines stay whole (logs, grep)
+# soft_wrap: printed lines stay whole whatever the width (a CSV or Markdown piped into a file, an
+# error line in a log); tables still fit the terminal
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
 
 
 @contextmanager
