@@ -112,7 +112,7 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> BenchSumma
     """
     from editeval.models import ModelNotAvailableError, load_pipeline
 
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)  # log lines stay whole
     cards = {name: get_method(name).card for name in config.methods}
     for name in config.params:
         if name not in cards:

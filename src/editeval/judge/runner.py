@@ -76,7 +76,7 @@ def score_run(run_dir: str | Path, backend: Any, protocol: Protocol = Protocol()
     if protocol.mode not in MODES:
         raise ValueError(f"unknown mode {protocol.mode!r}; expected one of {', '.join(MODES)}")
     return asyncio.run(_score(run_dir, backend, protocol, concurrency, repeats, seed,
-                              console or Console(stderr=True)))
+                              console or Console(stderr=True, soft_wrap=True)))
 
 
 async def _score(run_dir: Path, backend: Any, protocol: Protocol, concurrency: int, repeats: int,
