@@ -207,10 +207,11 @@ def test_toy_null_text_reconstructs_as_well_as_the_vae(toy, toy_scenes):
     assert reconstruction_quality(toy, toy_scenes, "negative-prompt", 10)["psnr"] >= vae - 2.0
     assert reconstruction_quality(toy, toy_scenes, "ddim", 10)["psnr"] <= null_text["psnr"] - 1.5
     # early stopping (step i stops below eps + 2e-5 i), iterations of 100 (mean of the 2 scenes)
-    # and dB below the full run: eps 2e-2 99.5 and 0.03; eps 4e-2 83.0 and 0.49; eps 5e-2 72.5
-    # and 0.66; eps 6e-2 63.5 and 0.62; eps 0.12 30.0 and 2.43. (The 16000-step UNet lost 0.43
-    # dB at eps 5e-2: the longer-trained UNet's full run gained more than its early stop. The
-    # issue's bar, a third of the iterations within 0.5 dB at 50 steps: docs/methods.md.)
+    # and dB below the full run (34.67 dB; VAE 35.88): eps 5e-2 72.5 and 0.79; eps 6e-2 63.5
+    # and 0.72; eps 0.12 30.0 and 3.06. (With the fourth round's decoder eps 5e-2 lost 0.66 dB,
+    # and 0.43 with the 16000-step UNet: the sharper the model, the more the full run gains over
+    # its early stop. The bar, a third of the iterations within 0.5 dB at 50 steps:
+    # docs/methods.md.)
     early = reconstruction_quality(toy, toy_scenes, "null-text", 10, early_stop_epsilon=5e-2)
     assert early["optimisation_steps"] <= 85
-    assert early["psnr"] >= null_text["psnr"] - 0.8
+    assert early["psnr"] >= null_text["psnr"] - 1.0

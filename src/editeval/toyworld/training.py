@@ -283,7 +283,10 @@ def train_decoder(work: Path, steps: int, seed: int, every: float, batch: int = 
     read back 69% of their shapes after the VAE, against 92% of photos').
 
     The latent space stays exactly as the UNets were trained on, so this sharpens reconstructions
-    without retraining anything downstream.
+    without retraining anything downstream. It decodes the encoder's posterior means, the latents
+    the UNets learn on (``_latents``), not samples of the posterior: their noise (std 0.17 of the
+    latents' spread) taught the decoder to hedge. With the same UNet, text-to-image shapes went
+    from 76.6% to 81.3% when the decoder learnt on means (docs/toyworld.md, sixth round).
     """
     images = np.load(work / "scenes.npy")
     reference_variance = float(_pixels(images[:2000]).var(dim=(1, 2, 3)).mean())
@@ -298,10 +301,9 @@ def train_decoder(work: Path, steps: int, seed: int, every: float, batch: int = 
     run = Checkpointed(work / "vae_decoder.ckpt", build, lr=3e-4, seed=seed)
 
     def loss_fn(rng):
-        x = _pixels(images[rng.integers(0, len(images), batch)])
-        with torch.no_grad():
-            latents = run.model.encode(x).latent_dist.sample()
-        return _reconstruction_loss(run.model.decode(latents).sample, x, reference_variance)
+        chosen = images[rng.integers(0, len(images), batch)]
+        recon = run.model.decode(_latents(run.model, chosen)).sample
+        return _reconstruction_loss(recon, _pixels(chosen), reference_variance)
 
     run.train(steps, loss_fn, every, "decoder")
 
