@@ -32,6 +32,7 @@ from editeval.judge import (
     overall,
     parse_scores,
     score_run,
+    to_markdown,
 )
 from editeval.judge.backends import JudgeRequest
 from editeval.judge.parsing import ParseFailure
@@ -260,9 +261,10 @@ def test_repeats_report_their_spread(toy_run):
     assert summary.requests == 6
     assert {b["temperature"] for b in server.bodies} == {0.7}
     assert {b["seed"] for b in server.bodies} == {0, 1}
-    table, _ = leaderboard(toy_run)
+    table, identity = leaderboard(toy_run)
     assert list(table["mean"]) == [5.0, 5.0]
     assert list(table["repeat_spread"]) == [1.0, 1.0]  # population std of (4, 6)
+    assert "| alpha | 0.0% (0/6) |" in to_markdown(table, identity)  # parse failures, 2 repeats
 
 
 def test_oracle_judge_and_leaderboard(toy_run, tmp_path, monkeypatch):
@@ -271,6 +273,8 @@ def test_oracle_judge_and_leaderboard(toy_run, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "| 1 | alpha | 10.00 | 0.00 | 3 | 0/3 |" in result.output
     assert "computed by the oracle from ground truth (no model requests)" in result.output
+    assert "edits judged now: 6 ok" in result.output
+    assert "Parse failures" not in result.output  # the oracle parses no reply
     table, identity = leaderboard(toy_run)
     assert identity["judge"] == "oracle"
     assert list(table["method"]) == ["alpha", "beta"] and table["mean"][0] == 10.0

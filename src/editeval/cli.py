@@ -201,7 +201,7 @@ def score(
             statuses = ", ".join(f"{n} {s}" for s, n in sorted(summary.statuses.items())) or "none"
             sent = (f"{summary.requests} requests sent" if backend.name != "oracle"
                     else "computed by the oracle from ground truth (no model requests)")
-            errors.print(f"{sent}; items judged now: {statuses}; "
+            errors.print(f"{sent}; edits judged now: {statuses}; "
                          f"{summary.skipped_items} judged before")
             if summary.budget_exhausted:
                 errors.print(f"[yellow]request budget of {budget} spent: rerun to continue")

@@ -108,7 +108,7 @@ async def _score(run_dir: Path, backend: Any, protocol: Protocol, concurrency: i
                     summary.budget_exhausted = True
                     return group, repeat, None
 
-        progress = Progress(TextColumn("[bold]judging"), BarColumn(), MofNCompleteColumn(),
+        progress = Progress(TextColumn("[bold]judging samples"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), console=console)
         try:
             with progress:
