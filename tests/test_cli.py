@@ -22,6 +22,22 @@ def test_edit_writes_the_result_at_source_size(shared, tmp_path):
         assert image.size == (1024, 1024) and image.mode == "RGB"
 
 
+def test_the_toy_model_warns_on_a_photo_but_not_on_a_toy_scene(tmp_path):
+    import numpy as np
+
+    from editeval.toyworld.scenes import render, sample_scene
+
+    scene = render(sample_scene(np.random.default_rng(0)))
+    for size in (64, 96):
+        source = tmp_path / f"source{size}.png"
+        Image.fromarray(scene).resize((size, size)).save(source)
+        result = runner.invoke(app, [
+            "edit", str(source), "--method", "sdedit", "--model", "toy", "--target-prompt",
+            "a red circle", "-p", "num_inference_steps=4", "-o", str(tmp_path / "out.png")])
+        assert result.exit_code == 0, result.output
+        assert ("the toy models learnt 64x64 rendered toy scenes" in result.output) == (size != 64)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "instructpix2pix"], "needs instruction"),
     (["--method", "nope", "--target-prompt", "x"], "unknown method 'nope'"),

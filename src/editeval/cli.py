@@ -101,6 +101,10 @@ def edit(
     console.print(f"wrote {output} ({result.image.width}x{result.image.height}); "
                   f"{result.method} on {result.model}: NFE {result.nfe}, "
                   f"{result.wall_seconds:.2f} s, params {result.params}")
+    if model == "toy" and result.image.size != (64, 64):
+        errors.print(f"[yellow]note:[/yellow] the toy models learnt 64x64 rendered toy scenes "
+                     f"(docs/toyworld.md); on a {result.image.width}x{result.image.height} photo "
+                     "their edits mean nothing: use a real model (--model sd15, ...)")
 
 
 @app.command()
