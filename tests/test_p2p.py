@@ -275,9 +275,9 @@ def test_word_swap_really_changes_the_target_branch(toy):
 def test_word_swap_quality_on_the_toy_model(toy):
     # Measured on these 6 pairs with the shipped weights: negative-prompt inversion + P2P succeeds
     # on 5, unedited-region PSNR 27.0 dB (the mean of 6 pairs, one of them at 15.9 dB). The
-    # issue's bar (70% with 25 dB) is measured by benchmarks/inversion.py: plain p2p 83.3% /
-    # 27.4 dB on its 12 pairs; on 48 pairs (seed 7) 87.5% / 28.4 dB, colour swaps 23/24, shape
-    # swaps 19/24.
+    # issue's bar (70% with 25 dB) is measured by benchmarks/inversion.py: plain p2p 91.7% /
+    # 27.7 dB on its 12 pairs; on 48 pairs (seed 7) 91.7% / 28.6 dB, colour swaps 24/24, shape
+    # swaps 20/24.
     quality = word_swap_quality(toy, word_swap_pairs(6, seed=3), "negative-prompt-inversion")
     assert quality["success"] >= 4 / 6
     assert quality["unedited_psnr"] >= 24.5
