@@ -108,7 +108,8 @@ async def _score(run_dir: Path, backend: Any, protocol: Protocol, concurrency: i
                     summary.budget_exhausted = True
                     return group, repeat, None
 
-        progress = Progress(TextColumn("[bold]judging samples"), BarColumn(), MofNCompleteColumn(),
+        unit = "edits" if protocol.mode == "per-image" else "samples"  # one request each
+        progress = Progress(TextColumn(f"[bold]judging {unit}"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), console=console)
         try:
             with progress:
