@@ -1,5 +1,6 @@
-"""The toy models' training loop: checkpoints record the architecture, resume exactly, and the
-VAE's loss weights object pixels (and, for the decoder, normalises contrast)."""
+"""The toy models' training loop: checkpoints record the architecture, resume exactly (a restarted
+schedule too), the VAE's loss weights object pixels (and, for the wide VAE's decoder, normalises
+contrast), and the wide VAE's encoder is distilled to the VAE's posterior."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from editeval.toyworld.training import (
     instruction_unet_from,
     load_weights,
     new_unet,
+    posterior_distillation_loss,
     save_checkpoint,
 )
 
@@ -266,3 +268,47 @@ def test_import_then_export_gives_back_the_shipped_weights_bit_for_bit(tmp_path)
         import_checkpoints(tmp_path / "work")
     with pytest.raises(FileNotFoundError, match="training.json"):
         import_checkpoints(tmp_path / "other", weights=tmp_path / "work")
+
+
+def test_a_restarted_schedule_starts_a_new_cosine_and_survives_a_resume(tmp_path):
+    run = Checkpointed(tmp_path / "run.ckpt", _tiny_vae, lr=1e-2, seed=3)
+    run.train(300, _loss(run.model), every_seconds=1e9, desc="first")
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(
+        1e-2 * 0.5 * (1 + np.cos(np.pi * 299 / 300)), rel=1e-12)  # the stage's schedule
+    loss, calls = _loss(run.model), []
+
+    def dies_at_step_303(rng):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return loss(rng)
+
+    with pytest.raises(KeyboardInterrupt):
+        run.train(400, dies_at_step_303, every_seconds=0.0, desc="restarted", restart_lr=4e-3)
+    # step 300 was step 0 of a new 100-step cosine from 4e-3, first of 200 warm-up steps
+    assert run.restart["step"] == 300 and run.step == 303
+    resumed = Checkpointed(tmp_path / "run.ckpt", _tiny_vae, lr=1e-2, seed=3)
+    resumed.train(400, _loss(resumed.model), every_seconds=1e9, desc="resumed", restart_lr=4e-3)
+    assert resumed.restart["step"] == 300 and resumed.warmup_from == 300  # not restarted again
+    by_hand = 4e-3 * 0.5 * (1 + np.cos(np.pi * 99 / 100)) * 100 / 200  # step 399
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(by_hand, rel=1e-12)
+    resumed.train(401, _loss(resumed.model), every_seconds=1e9, desc="more", restart_lr=2e-3)
+    assert resumed.restart["step"] == 400  # asked again: a new restart from the current step
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 / 200, rel=1e-12)
+
+
+def test_posterior_distillation_loss_by_hand():
+    torch.manual_seed(0)
+    teacher = _tiny_vae().eval()
+    student = _tiny_vae().eval()
+    student.load_state_dict(teacher.state_dict())
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    loss, mean = posterior_distillation_loss(student, teacher, x, scale=0.5)
+    assert loss.item() == 0.0
+    expected_mean = teacher.encode(x).latent_dist.mean  # the latents the UNets learn on
+    assert torch.allclose(mean, expected_mean)
+    with torch.no_grad():
+        student.quant_conv.bias[:2] += 0.1  # every mean off by 0.1 (2 latent channels)
+        student.quant_conv.bias[2:] -= 0.2  # every log-variance off by 0.2
+    loss, _ = posterior_distillation_loss(student, teacher, x, scale=0.5)
+    assert loss.item() == pytest.approx((0.1 * 0.5) ** 2 + 0.2 ** 2, rel=1e-4)

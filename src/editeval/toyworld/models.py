@@ -26,7 +26,7 @@ import torch
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 SHARED_COMPONENTS = ("vae", "text_encoder", "tokenizer")
 # training checkpoint -> exported folder and subfolder that hold its model
-EXPORTED = {"vae": ("sd", "vae"), "vae_decoder": ("sd", "vae"), "clip": ("clip", ""),
+EXPORTED = {"vae": ("sd", "vae"), "vae_wide": ("sd", "vae"), "clip": ("clip", ""),
             "unet": ("sd", "unet"), "ip2p": ("ip2p", "unet")}
 
 
@@ -57,14 +57,14 @@ def export(work: Path, out: Path = WEIGHTS) -> None:
 
     from editeval.testing import clip_tokenizer
     from editeval.toyworld.training import (
-        SCHEDULE, latent_scale, load_weights, new_clip, new_unet, new_vae,
+        SCHEDULE, latent_scale, load_vae, load_weights, new_clip, new_unet,
     )
 
     def load(model, name):
         load_weights(model, work / f"{name}.ckpt")
         return model.eval()
 
-    vae = load(new_vae(), "vae_decoder" if (work / "vae_decoder.ckpt").exists() else "vae")
+    vae = load_vae(work / ("vae_wide.ckpt" if (work / "vae_wide.ckpt").exists() else "vae.ckpt"))
     vae.register_to_config(scaling_factor=latent_scale(work))
     clip = load(new_clip(), "clip")
     text_encoder = CLIPTextModel(clip.config.text_config)
@@ -116,8 +116,9 @@ def import_checkpoints(work: Path, weights: Path = WEIGHTS, seed: int = 0) -> di
     fp32 (from the exported fp16) and no optimiser state (AdamW's moments are not exported): the
     resumed stage starts a fresh optimiser, warms its learning rate up again over
     ``WARMUP_STEPS`` and then follows its cosine schedule from that step. ``vae.ckpt`` and
-    ``vae_decoder.ckpt`` both get the exported VAE (its encoder made the latents the UNets learnt
-    on; its decoder is the fine-tuned one), and ``latent_scale.json`` its scaling factor.
+    ``vae_wide.ckpt`` both get the exported VAE, at its widths (the wide one, whose encoder was
+    distilled to give the latents the UNets learnt on), and ``latent_scale.json`` its scaling
+    factor.
 
     Raises:
         FileNotFoundError: ``weights`` has no ``training.json`` (export it again).
@@ -142,14 +143,18 @@ def import_checkpoints(work: Path, weights: Path = WEIGHTS, seed: int = 0) -> di
     if existing:
         raise FileExistsError(f"{work} already holds {', '.join(existing)}.ckpt; importing would "
                               "discard that training: import into a new --work folder")
-    build = {"vae": (new_vae, AutoencoderKL), "vae_decoder": (new_vae, AutoencoderKL),
-             "clip": (new_clip, CLIPModel), "unet": (lambda: new_unet(4), UNet2DConditionModel),
-             "ip2p": (lambda: new_unet(8), UNet2DConditionModel)}
+    def vae_like(exported):
+        return new_vae(exported.config.block_out_channels)
+
+    build = {"vae": (vae_like, AutoencoderKL), "vae_wide": (vae_like, AutoencoderKL),
+             "clip": (lambda _: new_clip(), CLIPModel),
+             "unet": (lambda _: new_unet(4), UNet2DConditionModel),
+             "ip2p": (lambda _: new_unet(8), UNet2DConditionModel)}
     work.mkdir(parents=True, exist_ok=True)
     for name, step in steps.items():
         (new_model, loader), (folder, subfolder) = build[name], EXPORTED[name]
         exported = loader.from_pretrained(weights / folder / subfolder, torch_dtype=torch.float32)
-        model = new_model()
+        model = new_model(exported)
         expected, found = _architecture(model_config(model)), _architecture(model_config(exported))
         differs = [k for k in expected if found.get(k) != expected[k]]
         if differs:

@@ -2,7 +2,7 @@
 
     python -m editeval.toyworld.training data  --work toy_training
     python -m editeval.toyworld.training vae   --work toy_training --steps 4000 --threads 2
-    python -m editeval.toyworld.training decoder --work toy_training --steps 1500
+    python -m editeval.toyworld.training widen --work toy_training --steps 2000
     python -m editeval.toyworld.training clip  --work toy_training --steps 4500 --threads 2
     python -m editeval.toyworld.training clip  --work toy_training --steps 6500 --shape-negatives
     python -m editeval.toyworld.training unet  --work toy_training --steps 6000 --threads 2
@@ -15,10 +15,11 @@
 
 (Checkpoints stay on the machine that trained them; ``import`` makes them again from the exported
 weights, so a new machine goes on from the shipped models: ``data``, ``import``, then e.g. ``unet
---steps 26000``. The optimiser state is not exported, so the resumed stage warms up a fresh AdamW.)
+--steps 26000``. The optimiser state is not exported, so the resumed stage warms up a fresh AdamW.
+A resume with ``--restart-lr`` starts a new cosine schedule instead of stretching the old one.)
 
-(``decoder`` fine-tunes the VAE's decoder alone, any time after ``vae``: the latent space the UNets
-learn on does not change.)
+(``widen`` makes the shipped VAE, any time after ``vae``: twice as wide, its encoder distilled to
+``vae.ckpt``'s posterior, so the latent space the UNets learn on does not change.)
 
 Each stage is reproducible from ``--seed``, shows a progress bar, writes a checkpoint (model,
 optimiser, step, random state) at least every ``--checkpoint-seconds`` and resumes from it when run
@@ -28,9 +29,9 @@ again, so a killed run loses at most that much work. ``export`` writes the diffu
 Models:
 - AutoencoderKL: 64x64x3 <-> 8x8x4 (SD's factor 8), trained with MSE (object pixels weighted 5x)
   plus a small KL term (weight 1e-6); the latent scaling factor is 1 / std of the training
-  latents, as SD's 0.18215. Its decoder alone is then fine-tuned with the encoder frozen
-  (``decoder``) on a contrast-normalised loss, which sharpens night scenes and keeps the latent
-  space the UNets learn on.
+  latents, as SD's 0.18215. The shipped VAE (``widen``) has twice its channels: an encoder
+  distilled to give the same latents and a decoder trained on them with a contrast-normalised
+  loss, which sharpens night scenes.
 - CLIP (text and image towers, the real CLIP BPE tokenizer), trained contrastively on captions
   with NegCLIP's hard negatives: each caption also enters the batch with one object attribute
   (colour, size, texture, or shape with its pose) changed, so that the text tower must encode
@@ -73,14 +74,27 @@ WARMUP_STEPS = 200  # linear learning-rate warm-up of a fresh AdamW
 # ----------------------------------------------------------------------------------------------
 
 
-def new_vae():
+VAE_WIDTHS = (8, 16, 32, 64)  # the VAE trained from scratch (``vae``): its latents are the UNets'
+WIDE_VAE_WIDTHS = (16, 32, 64, 128)  # the shipped VAE (``widen``), in the same latent space
+
+
+def new_vae(block_out_channels: tuple[int, ...] = VAE_WIDTHS):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 64), layers_per_block=1, norm_num_groups=8,
+        block_out_channels=tuple(block_out_channels), layers_per_block=1, norm_num_groups=8,
     )
+
+
+def load_vae(path: Path):
+    """The VAE of the checkpoint ``path``, at the widths it records (``vae.ckpt`` holds the VAE
+    trained from scratch, or after ``import`` the exported wide one), in eval mode, frozen."""
+    widths = torch.load(path, weights_only=False)["config"]["block_out_channels"]
+    vae = new_vae(widths)
+    load_weights(vae, path)
+    return vae.eval().requires_grad_(False)
 
 
 def new_clip():
@@ -143,16 +157,19 @@ def load_weights(model: torch.nn.Module, path: Path) -> dict:
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, step: int, *, optimizer: dict | None,
-                    numpy_rng: dict, torch_rng: torch.Tensor, warmup_from: int = 0) -> None:
+                    numpy_rng: dict, torch_rng: torch.Tensor, warmup_from: int = 0,
+                    restart: dict | None = None) -> None:
     """Write a training checkpoint atomically (a killed write leaves the previous one whole).
 
     ``optimizer`` is the AdamW state, or None for weights imported from an export (the run then
     starts a fresh optimiser, whose learning rate warms up again from ``warmup_from``).
+    ``restart`` is the restarted cosine schedule the run follows (``Checkpointed.train``), or
+    None for the stage's own schedule from step 0.
     """
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "config": model_config(model),
                 "optimizer": optimizer, "step": step, "warmup_from": warmup_from,
-                "numpy_rng": numpy_rng, "torch_rng": torch_rng}, tmp)
+                "restart": restart, "numpy_rng": numpy_rng, "torch_rng": torch_rng}, tmp)
     os.replace(tmp, path)
 
 
@@ -171,12 +188,14 @@ class Checkpointed:
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
         self.step = self.warmup_from = 0
+        self.restart: dict | None = None
         self.rng = np.random.default_rng(seed)
         if path.exists():
             state = load_weights(model, path)
             if state["optimizer"] is not None:
                 self.optimizer.load_state_dict(state["optimizer"])
             self.step, self.warmup_from = state["step"], state.get("warmup_from", 0)
+            self.restart = state.get("restart")
             self.rng.bit_generator.state = state["numpy_rng"]
             torch.set_rng_state(state["torch_rng"])
         self._saved_at = time.monotonic()
@@ -184,23 +203,40 @@ class Checkpointed:
     def save(self) -> None:
         save_checkpoint(self.path, self.model, self.step, optimizer=self.optimizer.state_dict(),
                         numpy_rng=self.rng.bit_generator.state, torch_rng=torch.get_rng_state(),
-                        warmup_from=self.warmup_from)
+                        warmup_from=self.warmup_from, restart=self.restart)
         self._saved_at = time.monotonic()
 
-    def train(self, steps: int, loss_fn, every_seconds: float, desc: str) -> None:
-        """Run ``loss_fn(rng) -> loss`` until ``steps``, with a cosine-decayed learning rate.
+    def learning_rate(self, steps: int) -> float:
+        """The rate of the current step of a run to ``steps``: cosine-decayed from the stage's
+        ``lr`` at step 0 to 0 at ``steps``, or, after a restart, from the restart's rate at its
+        step; warmed up linearly over ``WARMUP_STEPS`` from ``warmup_from``."""
+        warmup = min(1.0, (self.step - self.warmup_from + 1) / WARMUP_STEPS)
+        start, peak = (0, self.lr) if self.restart is None else (self.restart["step"],
+                                                                  self.restart["lr"])
+        return peak * 0.5 * (1 + np.cos(np.pi * (self.step - start) / (steps - start))) * warmup
 
-        The rate of each step is computed from the constructor's ``lr`` and the step alone (not
-        read back from the optimiser, whose saved state holds the last step's decayed rate), so a
-        resumed run continues the schedule exactly. The rate warms up linearly over
-        ``WARMUP_STEPS`` from the start, and again from an imported step (a fresh optimiser).
+    def train(self, steps: int, loss_fn, every_seconds: float, desc: str,
+              restart_lr: float | None = None) -> None:
+        """Run ``loss_fn(rng) -> loss`` until ``steps``, at :meth:`learning_rate`.
+
+        The rate of each step is computed from the schedule and the step alone (not read back
+        from the optimiser, whose saved state holds the last step's decayed rate), so a resumed
+        run continues the schedule exactly. The rate warms up from the start, and again from an
+        imported step (a fresh optimiser). A larger ``steps`` on a finished run stretches its
+        cosine over the longer run, so the added steps run at small rates; ``restart_lr`` starts
+        a new cosine at the checkpoint's step instead, from that rate (warmed up again) down to 0
+        at ``steps``. The restart is stored in the checkpoint: a killed run resumed with the same
+        ``restart_lr`` and ``steps`` continues it, with another value it restarts again.
         """
+        asked = None if restart_lr is None else (restart_lr, steps)
+        if asked is not None and asked != (self.restart or {}).get("asked"):
+            self.restart = {"lr": restart_lr, "step": self.step, "asked": asked}
+            self.warmup_from = self.step
         bar = tqdm(total=steps, initial=self.step, desc=desc, mininterval=10, smoothing=0.05)
         while self.step < steps:
-            warmup = min(1.0, (self.step - self.warmup_from + 1) / WARMUP_STEPS)
-            scale = 0.5 * (1 + np.cos(np.pi * self.step / steps)) * warmup
+            rate = self.learning_rate(steps)
             for group in self.optimizer.param_groups:
-                group["lr"] = self.lr * scale
+                group["lr"] = rate
             loss = loss_fn(self.rng)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -264,7 +300,8 @@ def _reconstruction_loss(recon: torch.Tensor, x: torch.Tensor,
     return (per_image * reference_variance / x.var(dim=dims)).mean()
 
 
-def train_vae(work: Path, steps: int, seed: int, every: float, batch: int = 32) -> None:
+def train_vae(work: Path, steps: int, seed: int, every: float, batch: int = 32,
+              restart_lr: float | None = None) -> None:
     images = np.load(work / "scenes.npy")
     run = Checkpointed(work / "vae.ckpt", new_vae, lr=1e-3, seed=seed)
 
@@ -274,38 +311,56 @@ def train_vae(work: Path, steps: int, seed: int, every: float, batch: int = 32) 
         recon = run.model.decode(posterior.sample()).sample
         return _reconstruction_loss(recon, x) + 1e-6 * posterior.kl().mean()
 
-    run.train(steps, loss_fn, every, "vae")
+    run.train(steps, loss_fn, every, "vae", restart_lr)
 
 
-def train_decoder(work: Path, steps: int, seed: int, every: float, batch: int = 32) -> None:
-    """Fine-tune the VAE's decoder with the encoder frozen (``vae_decoder.ckpt``), with the
-    contrast-normalised reconstruction loss (the VAE's own loss let night scenes blur: the oracle
-    read back 69% of their shapes after the VAE, against 92% of photos').
+def posterior_distillation_loss(student, teacher, x: torch.Tensor,
+                                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far ``student``'s posterior over the latents of ``x`` is from ``teacher``'s: the MSE
+    of the means in the UNets' scaled units (times ``scale``, the latent scaling factor) plus the
+    MSE of the log-variances (the teacher's clamped as diffusers clamps them, to [-30, 20]).
+    Also returns the teacher's posterior mean (no gradient). ``x``: float (B, 3, H, W) in
+    [-1, 1]; the means are (B, 4, H / 8, W / 8), unscaled."""
+    with torch.no_grad():
+        target_mean, target_logvar = teacher.quant_conv(teacher.encoder(x)).chunk(2, dim=1)
+    mean, logvar = student.quant_conv(student.encoder(x)).chunk(2, dim=1)
+    loss = (F.mse_loss(mean * scale, target_mean * scale)
+            + F.mse_loss(logvar, target_logvar.clamp(-30.0, 20.0)))
+    return loss, target_mean
 
-    The latent space stays exactly as the UNets were trained on, so this sharpens reconstructions
-    without retraining anything downstream. It decodes the encoder's posterior means, the latents
-    the UNets learn on (``_latents``), not samples of the posterior: their noise (std 0.17 of the
-    latents' spread) taught the decoder to hedge. With the same UNet, text-to-image shapes went
-    from 76.6% to 81.3% when the decoder learnt on means (docs/toyworld.md, sixth round).
+
+def train_widen(work: Path, steps: int, seed: int, every: float, batch: int = 32,
+                restart_lr: float | None = None) -> None:
+    """A wider VAE (``WIDE_VAE_WIDTHS``, ``vae_wide.ckpt``) in the latent space of ``vae.ckpt``,
+    so that every UNet trained on that VAE's latents works with it unchanged.
+
+    - Its encoder is distilled from ``vae.ckpt``'s: its posterior (mean and log-variance, the
+      moments after ``quant_conv``) is fitted to the teacher's by MSE, the mean's in the UNets'
+      scaled units.
+    - Its decoder learns, from scratch, to reconstruct each image from the teacher's posterior
+      mean, the latents the UNets learn on and draw (``_latents``): decoding posterior samples,
+      whose noise has a std of 0.17 of the latents' spread, taught a decoder to blur. The loss is
+      the contrast-normalised one, so that night scenes (a third of a photo's contrast) weigh as
+      much as photos.
+
+    diffusers' ``AutoencoderKL`` gives its encoder and decoder one width, so a wider decoder needs
+    a wider encoder. The two halves learn independently (the decoder reads the teacher's
+    latents), with one AdamW.
     """
     images = np.load(work / "scenes.npy")
     reference_variance = float(_pixels(images[:2000]).var(dim=(1, 2, 3)).mean())
-
-    def build():
-        vae = new_vae()
-        load_weights(vae, work / "vae.ckpt")
-        for module in (vae.encoder, vae.quant_conv):
-            module.requires_grad_(False)
-        return vae
-
-    run = Checkpointed(work / "vae_decoder.ckpt", build, lr=3e-4, seed=seed)
+    teacher = load_vae(work / "vae.ckpt")
+    scale = latent_scale(work)
+    run = Checkpointed(work / "vae_wide.ckpt", lambda: new_vae(WIDE_VAE_WIDTHS), lr=1e-3,
+                       seed=seed)
 
     def loss_fn(rng):
-        chosen = images[rng.integers(0, len(images), batch)]
-        recon = run.model.decode(_latents(run.model, chosen)).sample
-        return _reconstruction_loss(recon, _pixels(chosen), reference_variance)
+        x = _pixels(images[rng.integers(0, len(images), batch)])
+        distillation, target_mean = posterior_distillation_loss(run.model, teacher, x, scale)
+        recon = run.model.decode(target_mean).sample
+        return _reconstruction_loss(recon, x, reference_variance) + distillation
 
-    run.train(steps, loss_fn, every, "decoder")
+    run.train(steps, loss_fn, every, "widen", restart_lr)
 
 
 def _tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -329,7 +384,7 @@ def contrastive_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
 
 
 def train_clip(work: Path, steps: int, seed: int, every: float, batch: int = 128,
-               shape_negatives: bool = False) -> None:
+               shape_negatives: bool = False, restart_lr: float | None = None) -> None:
     """CLIP's contrastive training with one :func:`hard_negative` per caption, and with
     ``shape_negatives`` a second one that changes a shape, to its other pose alone half of the
     time (the batch then holds B captions and 2B negatives)."""
@@ -351,18 +406,16 @@ def train_clip(work: Path, steps: int, seed: int, every: float, batch: int = 128
         out = run.model(input_ids=_tokenize(tokenizer, texts), pixel_values=pixels)
         return contrastive_loss(out.logits_per_image)
 
-    run.train(steps, loss_fn, every, "clip")
+    run.train(steps, loss_fn, every, "clip", restart_lr)
 
 
 def _frozen(work: Path):
     """The trained VAE and CLIP text tower (eval mode, no gradients) and the tokenizer."""
     from editeval.testing import clip_tokenizer
 
-    vae, clip = new_vae(), new_clip()
-    load_weights(vae, work / "vae.ckpt")
+    vae, clip = load_vae(work / "vae.ckpt"), new_clip()
     load_weights(clip, work / "clip.ckpt")
-    for model in (vae, clip):
-        model.eval().requires_grad_(False)
+    clip.eval().requires_grad_(False)
     return vae, clip, clip_tokenizer()
 
 
@@ -403,7 +456,8 @@ def latent_scale(work: Path) -> float:
     return json.loads(path.read_text())["scaling_factor"]
 
 
-def train_unet(work: Path, steps: int, seed: int, every: float, batch: int = 64) -> None:
+def train_unet(work: Path, steps: int, seed: int, every: float, batch: int = 64,
+               restart_lr: float | None = None) -> None:
     from diffusers import DDPMScheduler
 
     vae, clip, tokenizer = _frozen(work)
@@ -429,7 +483,7 @@ def train_unet(work: Path, steps: int, seed: int, every: float, batch: int = 64)
         noisy = noise_scheduler.add_noise(x0, noise, t)
         return F.mse_loss(run.model(noisy, t, encoder_hidden_states=cond).sample, noise)
 
-    run.train(steps, loss_fn, every, "unet")
+    run.train(steps, loss_fn, every, "unet", restart_lr)
 
 
 def instruction_unet_from(t2i) -> torch.nn.Module:
@@ -443,7 +497,8 @@ def instruction_unet_from(t2i) -> torch.nn.Module:
     return unet
 
 
-def train_ip2p(work: Path, steps: int, seed: int, every: float, batch: int = 64) -> None:
+def train_ip2p(work: Path, steps: int, seed: int, every: float, batch: int = 64,
+               restart_lr: float | None = None) -> None:
     from diffusers import DDPMScheduler
 
     vae, clip, tokenizer = _frozen(work)
@@ -479,20 +534,20 @@ def train_ip2p(work: Path, steps: int, seed: int, every: float, batch: int = 64)
         noisy = torch.cat([noise_scheduler.add_noise(x0, noise, t), source], dim=1)
         return F.mse_loss(run.model(noisy, t, encoder_hidden_states=cond).sample, noise)
 
-    run.train(steps, loss_fn, every, "ip2p")
+    run.train(steps, loss_fn, every, "ip2p", restart_lr)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="Stages, in order: data, vae, decoder, clip, unet, ip2p (starts from unet.ckpt), "
+        epilog="Stages, in order: data, vae, widen, clip, unet, ip2p (starts from unet.ckpt), "
                "export. Every stage resumes from its checkpoint in --work when run again. To go "
                "on from the shipped weights on a new machine: data, then import, then the stage "
                "with more --steps. The commands and measured times of the shipped weights: "
                "docs/toyworld.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("stage", help="what to build",
-                        choices=["data", "vae", "decoder", "clip", "unet", "ip2p", "export",
+                        choices=["data", "vae", "widen", "clip", "unet", "ip2p", "export",
                                  "import"])
     parser.add_argument("--work", type=Path, default=Path("toy_training"),
                         help="folder for the data, checkpoints and logs of every stage")
@@ -510,6 +565,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", type=Path, default=None,
                         help="import: the exported weights to make checkpoints of (default: the "
                              "shipped ones)")
+    parser.add_argument("--restart-lr", type=float, default=None, metavar="RATE",
+                        help="training stages: instead of stretching the finished run's cosine "
+                             "schedule over the larger --steps, start a new one at the "
+                             "checkpoint's step, from RATE (warmed up again) down to 0 at --steps")
     parser.add_argument("--shape-negatives", action="store_true",
                         help="clip: a second hard negative per caption that changes a shape, half "
                              "of the time only its pose (the shipped CLIP's last 2000 steps)")
@@ -528,10 +587,11 @@ def main(argv: list[str] | None = None) -> None:
         steps = import_checkpoints(args.work, args.weights or WEIGHTS, args.seed)
         print("imported " + ", ".join(f"{name}.ckpt (step {step})" for name, step in steps.items()))
     else:
-        trainer = {"vae": train_vae, "decoder": train_decoder, "clip": train_clip,
+        trainer = {"vae": train_vae, "widen": train_widen, "clip": train_clip,
                    "unet": train_unet, "ip2p": train_ip2p}[args.stage]
         extra = {"shape_negatives": args.shape_negatives} if args.stage == "clip" else {}
-        trainer(args.work, args.steps, args.seed, args.checkpoint_seconds, **extra)
+        trainer(args.work, args.steps, args.seed, args.checkpoint_seconds,
+                restart_lr=args.restart_lr, **extra)
 
 
 if __name__ == "__main__":
