@@ -42,21 +42,26 @@ def _loss(model):
     return lambda rng: (weight.sum() - float(rng.normal())) ** 2
 
 
+def _dies_at_call(n: int, loss):
+    """``loss``, but the ``n``-th call is a kill (KeyboardInterrupt) in the middle of a step."""
+    calls = []
+
+    def dying(rng):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return loss(rng)
+
+    return dying
+
+
 def test_a_killed_training_run_resumes_to_the_same_weights(tmp_path):
     straight = Checkpointed(tmp_path / "straight.ckpt", _tiny_vae, lr=1e-2, seed=3)
     straight.train(8, _loss(straight.model), every_seconds=1e9, desc="straight")
 
     killed = Checkpointed(tmp_path / "killed.ckpt", _tiny_vae, lr=1e-2, seed=3)
-    loss, calls = _loss(killed.model), []
-
-    def dies_at_step_4(rng):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return loss(rng)
-
-    with pytest.raises(KeyboardInterrupt):
-        killed.train(8, dies_at_step_4, every_seconds=0.0, desc="killed")  # saves every step
+    with pytest.raises(KeyboardInterrupt):  # saves every step, dies in the 4th
+        killed.train(8, _dies_at_call(4, _loss(killed.model)), every_seconds=0.0, desc="killed")
     resumed = Checkpointed(tmp_path / "killed.ckpt", _tiny_vae, lr=1e-2, seed=3)
     assert resumed.step == 3
     resumed.train(8, _loss(resumed.model), every_seconds=1e9, desc="resumed")
@@ -275,16 +280,9 @@ def test_a_restarted_schedule_starts_a_new_cosine_and_survives_a_resume(tmp_path
     run.train(300, _loss(run.model), every_seconds=1e9, desc="first")
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(
         1e-2 * 0.5 * (1 + np.cos(np.pi * 299 / 300)), rel=1e-12)  # the stage's schedule
-    loss, calls = _loss(run.model), []
-
-    def dies_at_step_303(rng):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return loss(rng)
-
-    with pytest.raises(KeyboardInterrupt):
-        run.train(400, dies_at_step_303, every_seconds=0.0, desc="restarted", restart_lr=4e-3)
+    with pytest.raises(KeyboardInterrupt):  # dies in step 303
+        run.train(400, _dies_at_call(4, _loss(run.model)), every_seconds=0.0, desc="restarted",
+                  restart_lr=4e-3)
     # step 300 was step 0 of a new 100-step cosine from 4e-3, first of 200 warm-up steps
     assert run.restart["step"] == 300 and run.step == 303
     resumed = Checkpointed(tmp_path / "run.ckpt", _tiny_vae, lr=1e-2, seed=3)
