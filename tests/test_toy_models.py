@@ -21,7 +21,7 @@ from editeval.toyworld.models import WEIGHTS
 from editeval.toyworld.scenes import sample_scene
 
 # Levels measured on these samples with the shipped weights (docs/toyworld.md), minus a margin:
-# VAE 32.7 dB, inversion 34.8 dB, background 100% (16/16), colour 100%, shape 85% (28/33; 87.6%
+# VAE 32.7 dB, inversion 34.9 dB, background 100% (16/16), colour 100%, shape 85% (28/33; 90.5%
 # on the 200 scenes of docs/toyworld.md: these 33 objects are too few to rank models),
 # InstructPix2Pix (20 steps) success 10/14 (74% on all 210 pairs at 50 steps), unedited-region
 # PSNR 31.0 dB.
