@@ -31,8 +31,8 @@ def main() -> None:
     from editeval.diffusion.inversion import NULL_TEXT_INNER_STEPS
     from editeval.diffusion.inversion_cache import InversionCache
     from editeval.models import load_pipeline
-    from editeval.toyworld.evaluate import vae_psnr
-    from editeval.toyworld.p2p_quality import (
+    from editeval.toylab.evaluate import vae_psnr
+    from editeval.toylab.p2p_quality import (
         reconstruction_quality,
         vae_ceiling,
         word_swap_pairs,

@@ -28,7 +28,7 @@ def main() -> None:
     from diffusers import StableDiffusionImg2ImgPipeline
 
     from editeval import EditRequest, edit, load_pipeline
-    from editeval.core import model_resolution
+    from editeval.editing import model_resolution
     from editeval.diffusion.ddim import ddim_scheduler
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,5 +1,6 @@
-"""Shared test fixtures: the EditEval v1 copy in ../shared, a prompts spreadsheet in its original
-layout (the shared copy lacks the original one), and the tiny offline pipelines."""
+"""Shared test fixtures: the EditEval v1 copy in ../shared, a synthetic prompts spreadsheet in the
+original layout (recognisable per-row prompts; tests of the real spreadsheet read the shared copy's
+own file), and the tiny offline pipelines."""
 
 from __future__ import annotations
 
@@ -43,16 +44,20 @@ def shared() -> Path:
 
 
 def write_prompts(path: Path, header: bool = True, names: dict[str, str] = HUMAN_NAMES) -> Path:
-    """Write a prompts spreadsheet in the original layout with recognisable per-row prompts."""
+    """Write a prompts spreadsheet in the original layout with recognisable per-row prompts
+    ("src <task> <k>", ...): row 1 holds the first task's label beside the column names, the
+    50 sample rows follow, and column A names each later task on its block's first row.
+    ``header=False`` leaves row 1 out (the first task's label moves to its first sample row),
+    a layout the loader refuses."""
     wb = Workbook()
     ws = wb.active
+    first = next(iter(EXPECTED_BLOCKS))
     if header:
-        ws.append(["Editing Type", "Source Prompt", "Target Prompt", "Instruction"])
+        ws.append([names[first], "Source Prompt", "Target Prompt", "Instruction"])
     for task, count in EXPECTED_BLOCKS.items():
         for k in range(1, count + 1):
-            ws.append(
-                [names[task] if k == 1 else None, f"src {task} {k}", f"tgt {task} {k}", f"ins {task} {k}"]
-            )
+            label = names[task] if k == 1 and not (header and task == first) else None
+            ws.append([label, f"src {task} {k}", f"tgt {task} {k}", f"ins {task} {k}"])
     wb.save(path)
     return path
 

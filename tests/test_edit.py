@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from editeval.core import EditInputError, EditRequest, edit, get_method, list_methods
+from editeval.core import EditRequest, get_method, list_methods
+from editeval.editing import EditInputError, edit
 
 
 @pytest.fixture(scope="module")

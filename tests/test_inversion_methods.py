@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from editeval.core import EditRequest, edit, get_method
+from editeval.core import EditRequest, get_method
+from editeval.editing import edit
 from editeval.diffusion.ddim import ddim_invert, ddim_sample, ddim_scheduler, reconstruct
 from editeval.diffusion.inversion_cache import InversionCache
 from editeval.diffusion.latents import encode_image, encode_prompt

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from editeval.core import EditRequest, count_nfe, edit
+from editeval.core import EditRequest, count_nfe
+from editeval.editing import edit
 from editeval.diffusion.ddim import ddim_scheduler
 from editeval.diffusion.inversion import (
     DirectInversionGuidance,
@@ -198,8 +199,8 @@ def test_toy_null_text_reconstructs_as_well_as_the_vae(toy, toy_scenes):
     # Ten steps leave null-text 2.45 dB short of the VAE (1.2 before the seventh round's wide VAE,
     # 2.0 before the eighth round's UNet); at the bar's 50 steps on 4 scenes
     # (benchmarks/inversion.py) it matches it: VAE 34.12, null-text 33.98, DDIM 28.26.
-    from editeval.toyworld.evaluate import vae_psnr
-    from editeval.toyworld.p2p_quality import reconstruction_quality
+    from editeval.toylab.evaluate import vae_psnr
+    from editeval.toylab.p2p_quality import reconstruction_quality
 
     vae = vae_psnr(toy, toy_scenes)
     null_text = reconstruction_quality(toy, toy_scenes, "null-text", 10, early_stop_epsilon=0.0)

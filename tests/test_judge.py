@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from editeval.bench.store import ResultStore
 from editeval import cli
 from editeval.cli import app
-from editeval.data import Sample, load_dataset, load_image
+from editeval.core.samples import Sample
+from editeval.data import load_dataset, load_image
 from editeval.judge import (
     OpenAICompatibleBackend,
     Protocol,
@@ -329,7 +330,7 @@ def test_local_vlm_backend_plumbing(toy_run, monkeypatch):
     """A tiny random LLaVA model through AutoModelForImageTextToText: the request reaches the
     model with all images, random text is a recorded parse failure, the answer is cached."""
     from editeval.judge.backends import LocalVLMBackend
-    from editeval.testing import tiny_checkpoint
+    from editeval.models.tiny import tiny_checkpoint
 
     backend = make_backend(f"local:{tiny_checkpoint('vlm')}", toy_run)
     assert isinstance(backend, LocalVLMBackend)

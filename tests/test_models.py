@@ -9,7 +9,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 
 from editeval.models import ModelNotAvailableError, load_pipeline, resolve_checkpoint, resolve_dtype
-from editeval.testing import clip_tokenizer
+from editeval.models.tokenizer import clip_tokenizer
 
 # Token ids of openai/clip-vit-large-patch14's tokenizer (BOS 49406 ... EOS 49407).
 KNOWN_IDS = {

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from editeval.core import EditRequest, edit, list_methods
+from editeval.core import EditRequest, list_methods
+from editeval.editing import edit
 from editeval.diffusion.attention import AttentionCall
 from editeval.diffusion.ddim import ddim_scheduler
 from editeval.diffusion.dual_branch import BranchGuidance, sample_branches
@@ -17,7 +18,7 @@ from editeval.diffusion.latents import decode_latents, encode_prompt
 from editeval.diffusion.p2p_align import align_prompts, global_alignment, parse_equalizer
 from editeval.methods.training_free.prompt_to_prompt import PromptToPromptController
 from editeval.toyworld.models import WEIGHTS
-from editeval.toyworld.p2p_quality import word_swap_pairs, word_swap_quality
+from editeval.toylab.p2p_quality import word_swap_pairs, word_swap_quality
 
 P2P_FAMILY = ("p2p", "null-text", "negative-prompt-inversion", "proxedit", "direct-inversion")
 STEPS = 5

@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from editeval.core import EditRequest, edit, get_method
-from editeval.core.registry import EditInputs
+from editeval.core import EditRequest, get_method
+from editeval.editing import edit
+from editeval.core.types import EditInputs
 from editeval.diffusion.attention import AttentionCall
 from editeval.diffusion.inversion_cache import InversionCache
 from editeval.diffusion.latents import encode_image

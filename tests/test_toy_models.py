@@ -9,7 +9,7 @@ import pytest
 
 from editeval.data import load_dataset
 from editeval.models import load_pipeline
-from editeval.toyworld.evaluate import (
+from editeval.toylab.evaluate import (
     clip_attribute_accuracy,
     instruction_edit_quality,
     inversion_psnr,

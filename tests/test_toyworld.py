@@ -7,7 +7,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from editeval.data import TASKS, load_dataset
+from editeval.core.samples import TASKS
+from editeval.data import load_dataset
 from editeval.toyworld.oracle import attribute_accuracy, parse, score_edit
 from editeval.toyworld.pairs import sample_pair
 from editeval.toyworld.scenes import (
@@ -140,7 +141,7 @@ def test_judge_sample_against_ground_truth():
 
 
 def test_verify_table_for_one_method(tmp_path):
-    from editeval.toyworld.verify import markdown, verify
+    from editeval.toylab.verify import markdown, verify
 
     report = verify(["sdedit"], per_task=1, out=tmp_path / "run", model="tiny",
                     params={"sdedit": {"num_inference_steps": 4}})
@@ -156,7 +157,7 @@ def test_verify_table_for_one_method(tmp_path):
 
 
 def test_verify_write_keeps_what_follows_the_table():
-    from editeval.toyworld.verify import _after_table
+    from editeval.toylab.verify import _after_table
 
     document = ("# Methods\n\nProduced by `x` on 2026-01-01.\n\n"
                 "| method | paper |\n|---|---|\n| sdedit | ICLR 2022 |\n\n"
@@ -167,7 +168,7 @@ def test_verify_write_keeps_what_follows_the_table():
 
 
 def test_generation_accuracy_and_shape_confusion_count_by_slot():
-    from editeval.toyworld.evaluate import generation_accuracy, shape_confusion
+    from editeval.toylab.evaluate import generation_accuracy, shape_confusion
     from editeval.toyworld.oracle import ParsedObject, ParsedScene
 
     clean = parse(render(SCENE))

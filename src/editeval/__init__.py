@@ -12,7 +12,8 @@ Quick use::
 
 __version__ = "0.1.0"
 
-from editeval.core import EditRequest, EditResult, edit, list_methods  # noqa: E402
+from editeval.core import EditRequest, EditResult, list_methods  # noqa: E402
+from editeval.editing import edit  # noqa: E402
 from editeval.models import load_pipeline  # noqa: E402
 
 __all__ = ["EditRequest", "EditResult", "__version__", "edit", "list_methods", "load_pipeline"]

@@ -34,8 +34,9 @@ errors = Console(stderr=True, soft_wrap=True)
 def _clean_errors() -> Iterator[None]:
     """Turn the library's input and configuration errors into one red line and exit code 2."""
     from editeval.bench.store import RunConfigError
-    from editeval.core.api import EditInputError
-    from editeval.data import DatasetError, ImageLoadError, MaskError
+    from editeval.editing import EditInputError
+    from editeval.core.samples import DatasetError
+    from editeval.data import ImageLoadError, MaskError
     from editeval.models import ModelNotAvailableError
 
     try:
@@ -86,7 +87,7 @@ def edit(
     from PIL import Image
 
     from editeval.core import EditRequest
-    from editeval.core import edit as run_edit
+    from editeval.editing import edit as run_edit
 
     with _clean_errors():
         if output.suffix.lower() not in Image.registered_extensions():
@@ -267,7 +268,7 @@ def methods(
 ) -> None:
     """List the implemented methods from their cards."""
     from editeval.core import list_methods
-    from editeval.data import TASKS
+    from editeval.core.samples import TASKS
     from editeval.taxonomy import resolve_strategy
 
     with _clean_errors():

@@ -28,11 +28,11 @@ from rich.progress import (
 from editeval import __version__
 from editeval.bench.store import ResultStore
 from editeval.diffusion.inversion_cache import InversionCache
-from editeval.core.api import edit
+from editeval.editing import edit
 from editeval.core.registry import get_method
 from editeval.core.types import EditRequest
 from editeval.data.datasets import load_dataset
-from editeval.data.samples import Sample
+from editeval.core.samples import Sample
 
 
 @dataclass(frozen=True)

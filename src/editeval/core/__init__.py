@@ -1,20 +1,19 @@
-"""Core API: requests, results, the method registry and cards, NFE counting, ``edit()``."""
+"""The ground everything else stands on: value types (requests, results, samples), the method
+registry and cards, NFE counting, LMM Score's definition and the build cache. Nothing here imports
+from the rest of editeval except the taxonomy (plain data); ``editeval.edit`` is in
+:mod:`editeval.editing`."""
 
-from editeval.core.api import EditInputError, edit, model_resolution
-from editeval.core.nfe import NFECounter, count_nfe
+from editeval.core.nfe import NFECounter, count_nfe, denoiser
 from editeval.core.registry import (
-    EditInputs,
     MethodCard,
-    MethodOutput,
     Paper,
     get_method,
     list_methods,
     register_method,
 )
-from editeval.core.types import EditRequest, EditResult
+from editeval.core.types import EditInputs, EditRequest, EditResult, MethodOutput
 
 __all__ = [
-    "EditInputError",
     "EditInputs",
     "EditRequest",
     "EditResult",
@@ -23,9 +22,8 @@ __all__ = [
     "NFECounter",
     "Paper",
     "count_nfe",
-    "edit",
+    "denoiser",
     "get_method",
     "list_methods",
-    "model_resolution",
     "register_method",
 ]

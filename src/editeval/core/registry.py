@@ -1,19 +1,29 @@
 """The method registry and method cards.
 
-A method is a function ``fn(pipe, inputs, generator, **params) -> MethodOutput`` registered
+A method is a function ``fn(pipe, inputs, generator, *, param, ...) -> MethodOutput`` registered
 with a :class:`MethodCard` that says what it is (paper, the survey's learning strategy and
 sub-category), what it needs (inputs, model kind) and how it runs by default (the paper's parameters).
-:func:`editeval.core.api.edit` calls it; a method never loads models, counts NFE or resizes images.
+:func:`editeval.editing.edit` calls it; a method never loads models, counts NFE or resizes images.
+
+Parameters are declared once: their default values on the card (``defaults``), their names again in
+the function's keyword-only signature, without defaults; :func:`register_method` refuses a function
+whose keyword-only parameters differ from the card's (a ``**params`` catch-all passes the rest on).
+
+Methods come from the entry point group ``editeval.methods``: editeval registers its built-in methods
+(:mod:`editeval.methods`) through it, and any installed package can add its own the same way
+(``docs/writing-a-method.md``), without editing editeval. The group is loaded on the first lookup.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
-from PIL import Image
-
+from editeval.core.types import MethodOutput
 from editeval.taxonomy import STRATEGIES, SUBCATEGORIES
 
 INPUTS = ("source_prompt", "target_prompt", "instruction", "mask", "reference")
@@ -49,7 +59,7 @@ class MethodCard:
         model_kind: the kind of checkpoint it runs on (``text-to-image``, ``instruction``, ...).
         tasks: EditEval tasks it is meant for.
         defaults: parameter defaults, from the paper.
-        nfe_formula: UNet evaluations per edit, as a formula of the parameters.
+        nfe_formula: denoiser evaluations per edit, as a formula of the parameters.
         deviations: where we depart from the paper, and why.
         note: anything else a user should know.
     """
@@ -116,38 +126,6 @@ def _parse_bool(text: str) -> bool:
     return lowered in ("1", "true", "yes", "on")
 
 
-@dataclass(frozen=True)
-class EditInputs:
-    """A request's inputs as a method sees them: images already at the model's resolution.
-
-    Attributes:
-        image: RGB source image, sides multiples of 8 (the model's resolution).
-        source_prompt, target_prompt, instruction: as in the request ("" when not given).
-        task: EditEval task id or ``None``.
-        mask: edit region, mode "L" with values 0/255 (255 = edit), same size as ``image``, or ``None``.
-        reference: RGB reference image at the same size, or ``None``.
-        inversion_cache: an :class:`~editeval.diffusion.inversion_cache.InversionCache` shared by
-            the methods of a run, or ``None`` (inversions are then computed every time).
-    """
-
-    image: Image.Image
-    source_prompt: str = ""
-    target_prompt: str = ""
-    instruction: str = ""
-    task: str | None = None
-    mask: Image.Image | None = None
-    reference: Image.Image | None = None
-    inversion_cache: Any = None
-
-
-@dataclass
-class MethodOutput:
-    """What a method function returns: the edit at the model's resolution, plus intermediates."""
-
-    image: Image.Image
-    intermediates: dict[str, Any] = field(default_factory=dict)
-
-
 MethodFn = Callable[..., MethodOutput]
 
 
@@ -160,31 +138,90 @@ class RegisteredMethod:
 _REGISTRY: dict[str, RegisteredMethod] = {}
 
 
+ENTRY_POINT_GROUP = "editeval.methods"
+"""Entry point group whose modules register methods when imported."""
+
+
 def register_method(card: MethodCard) -> Callable[[MethodFn], MethodFn]:
-    """Decorator: register ``fn`` under ``card.name``. A second registration of a name is an error."""
+    """Decorator: register ``fn`` under ``card.name``.
+
+    Raises:
+        ValueError: the name is registered already, or ``fn``'s keyword-only parameters are not the
+            card's parameters (each named once, none with a default of its own: the defaults are
+            the card's).
+    """
 
     def decorator(fn: MethodFn) -> MethodFn:
         if card.name in _REGISTRY:
             raise ValueError(f"method {card.name!r} is registered twice")
+        check_signature(card, fn)
         _REGISTRY[card.name] = RegisteredMethod(card, fn)
         return fn
 
     return decorator
 
 
-def _load_builtin_methods() -> None:
-    import editeval.methods  # noqa: F401  (registers the built-in methods)
+def check_signature(card: MethodCard, fn: MethodFn) -> None:
+    """Refuse a method function whose keyword-only parameters disagree with ``card.defaults``.
+
+    Every keyword-only parameter must be one of the card's, without a default of its own; every
+    parameter of the card must be named, unless ``fn`` takes ``**params`` (which passes them on).
+
+    Raises:
+        ValueError: naming the parameters that differ.
+    """
+    parameters = inspect.signature(fn).parameters.values()
+    named = {p.name: p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    catch_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    problems = []
+    if set(named) - set(card.defaults):
+        problems.append(f"takes {', '.join(sorted(set(named) - set(card.defaults)))}, which the "
+                        "card's defaults lack")
+    if not catch_all and set(card.defaults) - set(named):
+        problems.append(f"does not take {', '.join(sorted(set(card.defaults) - set(named)))}")
+    own = sorted(n for n, p in named.items() if p.default is not inspect.Parameter.empty)
+    if own:
+        problems.append(f"gives {', '.join(own)} a default of its own (defaults belong on the card)")
+    if problems:
+        raise ValueError(f"method {card.name!r}: its function {fn.__name__} " + "; ".join(problems))
+
+
+def load_plugins() -> None:
+    """Import every module of the :data:`ENTRY_POINT_GROUP` entry points (once; importing registers).
+
+    A third-party plugin that fails to import is skipped with a warning naming it; editeval's own
+    built-in methods failing to import is an error.
+    """
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        if point.value.split(".")[0] == "editeval":
+            point.load()
+            continue
+        try:
+            point.load()
+        except Exception as err:  # a broken plugin must not take the built-in methods down
+            warnings.warn(f"editeval method plugin {point.name!r} ({point.value}) failed to "
+                          f"import and is skipped: {type(err).__name__}: {err}", stacklevel=2)
+
+
+_PLUGINS_LOADED = False
 
 
 def get_method(name: str) -> RegisteredMethod:
     """The registered method ``name``; ``KeyError`` with the list of known names otherwise."""
-    _load_builtin_methods()
+    load_plugins()
     if name not in _REGISTRY:
+        if not _REGISTRY:
+            raise KeyError(f"unknown method {name!r}: no method is registered (is editeval "
+                           "installed? `pip install -e .` registers the built-in methods)")
         raise KeyError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
 def list_methods() -> list[MethodCard]:
     """Cards of all registered methods, sorted by name."""
-    _load_builtin_methods()
+    load_plugins()
     return [_REGISTRY[name].card for name in sorted(_REGISTRY)]

@@ -1,5 +1,5 @@
-"""The two values every editing method shares: what to edit (:class:`EditRequest`) and what came out
-(:class:`EditResult`)."""
+"""The values every editing method shares: what to edit (:class:`EditRequest`), what the method
+sees (:class:`EditInputs`) and returns (:class:`MethodOutput`), and what came out (:class:`EditResult`)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,11 @@ class EditResult:
         model_image: the edited image at the model's resolution, as the method produced it.
         method: the registry name of the method.
         model: the checkpoint the edit ran on (hub id or local path).
-        nfe: UNet evaluations (a classifier-free-guidance batch of 2 counts 2).
+        nfe: denoiser (UNet or transformer) evaluations this edit spent (a classifier-free-guidance
+            batch of 2 counts 2); an inversion found in the cache costs nothing here.
+        uncached_nfe: the evaluations the edit costs on its own, with every cached inversion it
+            reused counted at what computing it cost (:class:`~editeval.core.nfe.NFECounter`);
+            unlike ``nfe`` it does not depend on which method of a run ran first.
         wall_seconds: wall-clock time of the method call, seconds (model loading excluded).
         params: the effective method parameters (card defaults updated by the request).
         seed: the seed used.
@@ -62,7 +66,40 @@ class EditResult:
     method: str
     model: str
     nfe: int
+    uncached_nfe: int
     wall_seconds: float
     params: dict[str, Any]
     seed: int
+    intermediates: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EditInputs:
+    """A request's inputs as a method sees them: images already at the model's resolution.
+
+    Attributes:
+        image: RGB source image, sides multiples of 8 (the model's resolution).
+        source_prompt, target_prompt, instruction: as in the request ("" when not given).
+        task: EditEval task id or ``None``.
+        mask: edit region, mode "L" with values 0/255 (255 = edit), same size as ``image``, or ``None``.
+        reference: RGB reference image at the same size, or ``None``.
+        inversion_cache: an :class:`~editeval.diffusion.inversion_cache.InversionCache` shared by
+            the methods of a run, or ``None`` (inversions are then computed every time).
+    """
+
+    image: Image.Image
+    source_prompt: str = ""
+    target_prompt: str = ""
+    instruction: str = ""
+    task: str | None = None
+    mask: Image.Image | None = None
+    reference: Image.Image | None = None
+    inversion_cache: Any = None
+
+
+@dataclass
+class MethodOutput:
+    """What a method function returns: the edit at the model's resolution, plus intermediates."""
+
+    image: Image.Image
     intermediates: dict[str, Any] = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""Images, masks, samples and datasets."""
+"""Images, masks and datasets by name (the sample types are in :mod:`editeval.core.samples`)."""
 
 from editeval.data.datasets import DATASETS, load_dataset
 from editeval.data.images import (
@@ -9,17 +9,12 @@ from editeval.data.images import (
     load_image,
     load_mask,
 )
-from editeval.data.samples import TASKS, Dataset, DatasetError, Sample
 
 __all__ = [
     "DATASETS",
-    "TASKS",
-    "Dataset",
-    "DatasetError",
     "Geometry",
     "ImageLoadError",
     "MaskError",
-    "Sample",
     "fit_to_resolution",
     "load_dataset",
     "load_image",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from editeval.data.samples import Dataset, DatasetError
+from editeval.core.samples import Dataset, DatasetError
 
 DATASETS = {
     "editeval-v1": "EditEval v1, the survey's benchmark (50 images, 7 tasks); needs --data-dir "

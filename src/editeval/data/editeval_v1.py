@@ -18,11 +18,28 @@ Layout of the original release::
         action_change/        1.jpg ... 4.jpg
 
 Image extensions vary (``.jpg``, ``.jpeg``, ``.png`` ...); only files named
-``<number>.<ext>`` are samples. The spreadsheet has an optional header row,
-then one block of rows per task in the order above (8, 8, 8, 8, 8, 6, 4 rows):
-the first column names the task on the first row of its block only, followed
-by the columns Source Prompt, Target Prompt and Instruction. Row *k* of a block
-describes image *k* of that task.
+``<number>.<ext>`` are samples.
+
+The spreadsheet (first sheet, columns A-D) is read in the release's layout
+only; rows are numbered from 1, as a spreadsheet application shows them::
+
+    row 1       Object Addition    | Source Prompt | Target Prompt | Instruction
+    rows 2-9    (blank)            | object_addition 1 ... 8
+    row 10      Object Replacement | object_replacement 1
+    rows 11-17  (blank)            | object_replacement 2 ... 8
+    rows 18-25  Object Removal     | object_removal 1 ... 8      (label on row 18 only)
+    rows 26-33  Background Change  | background_change 1 ... 8   (label on row 26 only)
+    rows 34-41  Style Change       | style_change 1 ... 8        (label on row 34 only)
+    rows 42-47  Texture Change     | texture_change 1 ... 6      (label on row 42 only)
+    rows 48-51  Action Change      | action_change 1 ... 4       (label on row 48 only)
+
+The header shares row 1 with the first task's label (column A is merged over
+each block in the original file); the 50 sample rows follow without gaps, and
+column A names the task on the first sample row of every later block. The
+*k*-th sample row of a block describes image ``<k>.<ext>`` of that task.
+Empty rows after the last block are ignored. Any other layout (no header, the
+header on another row, a block of another size or in another order) is a
+:class:`DatasetError` naming the file and row, never a silently shifted prompt.
 """
 
 from __future__ import annotations
@@ -31,9 +48,9 @@ import logging
 import re
 from pathlib import Path
 
-import pandas as pd
+from openpyxl import load_workbook
 
-from editeval.data.samples import TASKS, Dataset, DatasetError, Sample
+from editeval.core.samples import TASKS, Dataset, DatasetError, Sample
 
 logger = logging.getLogger(__name__)
 
@@ -81,68 +98,145 @@ def _canonical_task(text: str) -> str | None:
     return _TASK_KEYS.get(_squash(text).replace("removel", "removal"))
 
 
-def _is_header(cells: list[str]) -> bool:
-    """Whether a row reads like a header ("Task | Source Prompt | Target Prompt | Instruction")."""
-    if _canonical_task(cells[0]) is not None:
-        return False
-    return any("prompt" in _squash(c) or "instruction" in _squash(c) for c in cells[1:])
+HEADER: tuple[str, str, str] = ("Source Prompt", "Target Prompt", "Instruction")
+"""Column names in columns B-D of the spreadsheet's row 1, beside the first task's label."""
+
+FIRST_SAMPLE_ROW = 2
+"""Spreadsheet row (1-based) of the first sample: the one below the header."""
+
+
+def _task_label(task: str) -> str:
+    """The release's spelling of a task label, e.g. ``"Object Addition"``."""
+    return task.replace("_", " ").title()
+
+
+def _is_column_names(cells: list[str]) -> bool:
+    """Whether columns B-D of a row hold the column names (case and spacing ignored)."""
+    return [_squash(c) for c in cells[1:4]] == [_squash(h) for h in HEADER]
+
+
+def _read_cells(path: Path) -> list[list[str]]:
+    """Columns A-D of every row of the first sheet, row 1 first, stripped, empty cells as ``""``;
+    trailing empty rows dropped."""
+    try:
+        book = load_workbook(path, data_only=True)
+    except Exception as exc:  # openpyxl/zipfile/OS errors vary by failure mode
+        raise DatasetError(f"cannot read prompts spreadsheet {path}: {exc}") from exc
+    sheet = book.worksheets[0]
+    if sheet.max_column < 4:
+        raise DatasetError(
+            f"prompts spreadsheet {path} has {sheet.max_column} column(s); expected 4 "
+            "(task, source prompt, target prompt, instruction)"
+        )
+    rows = [
+        ["" if v is None else str(v).strip() for v in values]
+        for values in sheet.iter_rows(min_row=1, max_col=4, values_only=True)
+    ]
+    while rows and not any(rows[-1]):
+        rows.pop()
+    return rows
 
 
 def read_prompts(path: str | Path) -> dict[str, list[_PromptRow]]:
-    """Read the EditEval v1 prompts spreadsheet.
+    """Read the EditEval v1 prompts spreadsheet, in the release's layout (module docstring).
 
-    The sheet is read without a header so that the header wording does not
-    matter; a first row that looks like a header is skipped, and fully empty
-    rows are ignored.
+    Row 1 must be the header: the first task's label in column A beside the
+    column names Source Prompt, Target Prompt, Instruction (case and spacing
+    may differ). The sample rows follow from row 2 in blocks of
+    :data:`EXPECTED_BLOCKS` rows, in that order, each block's first row naming
+    its task in column A (row 1 does so for the first block). Task labels are
+    matched ignoring case, spaces, ``_`` and ``-``; "Removel" is accepted.
 
     Args:
         path: The ``.xlsx`` file.
 
     Returns:
         Canonical task id -> ``(source_prompt, target_prompt, instruction)``
-        rows in file order, with whitespace stripped and empty cells as ``""``.
+        rows in file order (row *k* describes image *k*), in the order of
+        :data:`EXPECTED_BLOCKS`, with whitespace stripped and empty cells as ``""``.
 
     Raises:
-        DatasetError: If the file cannot be read, has fewer than four columns,
-            has data before the first task name, names a task that is not
-            recognised, or repeats a task block.
+        DatasetError: If the file cannot be read or has fewer than four
+            columns, or its layout differs from the release's: no header on
+            row 1, the column names on another row, an unrecognised task
+            label, a sample row without prompts, or a block of another size or
+            in another order. The message names the file and the 1-based row.
     """
     path = Path(path)
-    try:
-        frame = pd.read_excel(path, header=None, dtype=object, engine="openpyxl")
-    except Exception as exc:  # openpyxl/zipfile/OS errors vary by failure mode
-        raise DatasetError(f"cannot read prompts spreadsheet {path}: {exc}") from exc
-    if frame.shape[1] < 4:
+    rows = _read_cells(path)
+    order = list(EXPECTED_BLOCKS)
+    header = " | ".join((_task_label(order[0]), *HEADER))
+    named = [number for number, cells in enumerate(rows, start=1) if _is_column_names(cells)]
+    if not rows or not _is_column_names(rows[0]):
+        if named:
+            raise DatasetError(
+                f"{path}, row {named[0]}: the column names {', '.join(HEADER)} are on this row; "
+                f"the release has them on row 1 ({header}) with the samples from row "
+                f"{FIRST_SAMPLE_ROW}; use the original {PROMPTS_FILE} unchanged"
+            )
+        found = " | ".join(rows[0]) if rows else "an empty sheet"
         raise DatasetError(
-            f"prompts spreadsheet {path} has {frame.shape[1]} column(s); expected 4 "
-            "(task, source prompt, target prompt, instruction)"
+            f"{path}, row 1: expected the header {header}, found {found!r}; "
+            f"use the original {PROMPTS_FILE} unchanged"
         )
-    rows = [
-        ["" if pd.isna(v) else str(v).strip() for v in values[:4]]
-        for values in frame.itertuples(index=False, name=None)
-    ]
-    blocks: dict[str, list[_PromptRow]] = {}
-    current: str | None = None
-    for index, cells in enumerate(rows):
-        if not any(cells):
-            continue
-        if current is None and _is_header(cells):
-            continue
-        row_no = index + 1  # 1-based, as shown by spreadsheet applications
+    if _canonical_task(rows[0][0]) != order[0]:
+        raise DatasetError(
+            f"{path}, row 1: column A of the header holds {rows[0][0]!r}; expected "
+            f"{_task_label(order[0])!r} (the first task's label, beside the column names), "
+            f"with its samples from row {FIRST_SAMPLE_ROW}"
+        )
+    if len(named) > 1:
+        raise DatasetError(
+            f"{path}, row {named[1]}: the column names appear again; the release has them "
+            "on row 1 only"
+        )
+
+    blocks: list[tuple[str, int, list[_PromptRow]]] = [(order[0], FIRST_SAMPLE_ROW, [])]
+    for row_no, cells in enumerate(rows[FIRST_SAMPLE_ROW - 1:], start=FIRST_SAMPLE_ROW):
+        if not any(cells[1:]):
+            raise DatasetError(
+                f"{path}, row {row_no}: no prompts in columns B-D; the release has "
+                f"{sum(EXPECTED_BLOCKS.values())} sample rows without gaps from row "
+                f"{FIRST_SAMPLE_ROW}"
+            )
         if cells[0]:
-            current = _canonical_task(cells[0])
-            if current is None:
+            task = _canonical_task(cells[0])
+            if task is None:
                 raise DatasetError(
                     f"{path}, row {row_no}: unrecognised task name {cells[0]!r}; "
                     f"expected one of {', '.join(TASKS)}"
                 )
-            if current in blocks:
-                raise DatasetError(f"{path}, row {row_no}: task {current} appears in two blocks")
-            blocks[current] = []
-        elif current is None:
-            raise DatasetError(f"{path}, row {row_no}: prompts before the first task name")
-        blocks[current].append((cells[1], cells[2], cells[3]))
-    return blocks
+            blocks.append((task, row_no, []))
+        blocks[-1][2].append((cells[1], cells[2], cells[3]))
+
+    row_no = FIRST_SAMPLE_ROW  # where the next block starts in the release
+    for index, (task, count) in enumerate(EXPECTED_BLOCKS.items()):
+        expected = f"{count} rows, {row_no}-{row_no + count - 1}"
+        if index == len(blocks):
+            raise DatasetError(
+                f"{path}, row {row_no}: the sheet ends before the {task} block; "
+                f"the release has it on the next {expected}"
+            )
+        found_task, start, found_rows = blocks[index]
+        if found_task != task:
+            raise DatasetError(
+                f"{path}, row {start}: {found_task} block where the release has {task} "
+                f"({expected}); expected the blocks in the order {', '.join(order)}"
+            )
+        if len(found_rows) != count:
+            span = f"{start}-{start + len(found_rows) - 1}" if found_rows else "none"
+            raise DatasetError(
+                f"{path}, row {start + min(len(found_rows), count)}: the {task} block has "
+                f"{len(found_rows)} sample rows ({span}); the release has {expected}"
+            )
+        row_no += count
+    if len(blocks) > len(EXPECTED_BLOCKS):
+        task, start, _ = blocks[len(EXPECTED_BLOCKS)]
+        raise DatasetError(
+            f"{path}, row {start}: a second {task} block after the last one "
+            f"({order[-1]} ends on row {row_no - 1})"
+        )
+    return {task: found_rows for task, _, found_rows in blocks}
 
 
 def _task_dir(root: Path, task: str) -> Path | None:
@@ -230,13 +324,7 @@ def load_editeval_v1(root: str | Path, prompts_file: str | Path | None = None) -
         if not prompts_path.is_file():
             raise DatasetError(f"prompts file {prompts_path} does not exist")
 
-    blocks = read_prompts(prompts_path)
-    sizes = {task: len(rows) for task, rows in blocks.items()}
-    if sizes != EXPECTED_BLOCKS:
-        logger.warning(
-            "%s: block sizes %s differ from the original release %s",
-            prompts_path, sizes, EXPECTED_BLOCKS,
-        )
+    blocks = read_prompts(prompts_path)  # validated: EXPECTED_BLOCKS rows per task
 
     samples: list[Sample] = []
     missing: list[str] = []

@@ -7,8 +7,11 @@ on (the image's pixels, the prompt, the model, the scheduler configuration, the 
 guidance scale, the kind of inversion and its own options) and stores it in memory and, when given a
 directory, on disk (``<run dir>/inversions/<key>.pt``, written atomically), so a resumed run keeps it.
 
-A cache hit costs no UNet evaluation, so the NFE of an edit that reuses an inversion drops by the
-inversion's cost; methods report ``inversion_cached`` in their intermediates.
+A cache hit costs no denoiser evaluation, so the NFE of an edit that reuses an inversion drops by
+the inversion's cost; methods report ``inversion_cached`` in their intermediates. Each entry keeps
+what computing it cost (the NFE counted while it was computed), and a hit adds that to the running
+edit's :attr:`~editeval.core.nfe.NFECounter.saved`, so an edit's uncached NFE is known whichever
+method computed the inversion first.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from editeval.core.nfe import current_counter, denoiser
+
 Value = dict[str, Any]  # tensors, lists of tensors and plain numbers
+FORMAT = 2  # on-disk entries: {"format", "nfe", "value"}; other files are recomputed
 
 
 def image_digest(image: Image.Image) -> str:
@@ -44,18 +50,19 @@ def inversion_key(*, kind: str, image: Image.Image, prompt: str, pipe: Any, sche
     Args:
         kind: the inversion's name (``ddim``, ``null-text``, ``edict``, ...).
         image: the source at the model's resolution. prompt: the prompt it is inverted under.
-        pipe: the pipeline (its ``name_or_path`` and the UNet's class and config identify the model).
+        pipe: the pipeline (its ``name_or_path`` and the denoiser's class and config identify the model).
         scheduler: the scheduler used (class name and config).
         num_inference_steps, guidance_scale: as used by the inversion.
         options: anything else the result depends on (JSON-serialisable).
     """
+    model = denoiser(pipe)
     record = {
         "kind": kind,
         "image": image_digest(image),
         "prompt": prompt,
         "model": str(getattr(pipe, "name_or_path", "")),
-        "unet": [type(pipe.unet).__name__, _jsonable(dict(pipe.unet.config))],
-        "dtype": str(pipe.unet.dtype),
+        "denoiser": [type(model).__name__, _jsonable(dict(model.config))],
+        "dtype": str(model.dtype),
         "scheduler": [type(scheduler).__name__, _jsonable(dict(scheduler.config))],
         "steps": int(num_inference_steps),
         "guidance_scale": float(guidance_scale),
@@ -85,43 +92,45 @@ class InversionCache:
     def __init__(self, directory: str | os.PathLike | None = None, memory_items: int = 8) -> None:
         self.directory = None if directory is None else Path(directory)
         self.memory_items = memory_items
-        self._memory: OrderedDict[str, Value] = OrderedDict()
+        self._memory: OrderedDict[str, tuple[Value, int]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
     def get_or_compute(self, key: str, compute: Callable[[], Value]) -> tuple[Value, bool]:
         """The inversion stored under ``key``, or ``compute()``'s result, stored; and whether it hit.
 
-        Tensors come back on the CPU when read from disk; methods move them to their device.
+        On a miss the NFE counted while computing is stored with the entry; on a hit it is added to
+        the active counter's ``saved`` (:func:`~editeval.core.nfe.current_counter`). Tensors come
+        back on the CPU when read from disk; methods move them to their device.
         """
-        value = self._memory.get(key)
-        if value is None and self.directory is not None:
-            path = self.directory / f"{key}.pt"
-            if path.exists():
-                try:
-                    value = torch.load(path, map_location="cpu", weights_only=True)
-                except Exception:  # a damaged file (killed mid-write elsewhere) is recomputed
-                    value = None
-        if value is not None:
+        counter = current_counter()
+        entry = self._memory.get(key)
+        if entry is None and self.directory is not None:
+            entry = _read(self.directory / f"{key}.pt")
+        if entry is not None:
             self.hits += 1
-            self._remember(key, value)
-            return value, True
+            self._remember(key, entry)
+            if counter is not None:
+                counter.saved += entry[1]
+            return entry[0], True
         self.misses += 1
+        before = 0 if counter is None else counter.nfe
         value = compute()
-        self._remember(key, value)
+        entry = (value, 0 if counter is None else counter.nfe - before)
+        self._remember(key, entry)
         if self.directory is not None:
-            self._save(key, value)
+            self._save(key, entry)
         return value, False
 
-    def _remember(self, key: str, value: Value) -> None:
-        self._memory[key] = value
+    def _remember(self, key: str, entry: tuple[Value, int]) -> None:
+        self._memory[key] = entry
         self._memory.move_to_end(key)
         while len(self._memory) > self.memory_items:
             self._memory.popitem(last=False)
 
-    def _save(self, key: str, value: Value) -> None:
+    def _save(self, key: str, entry: tuple[Value, int]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        cpu = _to_cpu(value)
+        cpu = {"format": FORMAT, "nfe": entry[1], "value": _to_cpu(entry[0])}
         fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
         os.close(fd)
         try:
@@ -130,6 +139,20 @@ class InversionCache:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def _read(path: Path) -> tuple[Value, int] | None:
+    """An entry written by :meth:`InversionCache._save`, or ``None`` when absent, damaged (killed
+    mid-write elsewhere) or of an older format (without its cost): those are recomputed."""
+    if not path.exists():
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # any unreadable file is recomputed, never trusted
+        return None
+    if not isinstance(stored, dict) or stored.get("format") != FORMAT:
+        return None
+    return stored["value"], int(stored["nfe"])
 
 
 def _to_cpu(value: Any) -> Any:

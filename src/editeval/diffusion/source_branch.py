@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from editeval.core.registry import EditInputs
+from editeval.core.types import EditInputs
 from editeval.diffusion.ddim import ddim_invert, ddim_scheduler, ddim_step
 from editeval.diffusion.inversion_cache import cached_inversion, inversion_key
 from editeval.diffusion.latents import encode_image, encode_prompt

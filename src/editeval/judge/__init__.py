@@ -14,7 +14,8 @@ from editeval.judge.backends import (
 )
 from editeval.judge.leaderboard import leaderboard, to_markdown
 from editeval.judge.parsing import ImageScores, ParseFailure, parse_scores
-from editeval.judge.protocol import PROTOCOL_VERSION, Protocol, overall
+from editeval.core.lmm_score import overall
+from editeval.judge.protocol import PROTOCOL_VERSION, Protocol
 from editeval.judge.runner import ScoreSummary, score_run
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"

@@ -25,7 +25,7 @@ from typing import Any
 from PIL import Image
 
 from editeval.data.images import load_image
-from editeval.data.samples import Sample
+from editeval.core.samples import Sample
 from editeval.judge.parsing import ImageScores, ParseFailure, parse_scores
 from editeval.judge.protocol import SYSTEM_PROMPT, Protocol
 

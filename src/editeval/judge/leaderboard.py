@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from editeval.bench.store import ResultStore
-from editeval.data.samples import TASKS
+from editeval.core.samples import TASKS
 
 COLUMNS = ["task", "rank", "method", "mean", "std", "n", "failures", "items", "failure_rate",
            "repeat_spread"]

@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from editeval.judge.protocol import FACTORS
+from editeval.core.lmm_score import FACTORS
 
 _ALIASES = {
     "accuracy": "accuracy", "s_acc": "accuracy", "editing_accuracy": "accuracy",

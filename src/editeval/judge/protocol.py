@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROTOCOL_VERSION = "editeval-lmm-1"
-FACTORS = ("accuracy", "preservation", "quality", "realism")
-WEIGHTS = {"accuracy": 4, "preservation": 3, "quality": 2, "realism": 1}  # tenths
 MODES = ("comparative", "per-image")
 
 SYSTEM_PROMPT = (
@@ -63,11 +61,6 @@ End your answer with one JSON object, and nothing after it, of exactly this form
 {{"scores": [{{"image": 1, "accuracy": <1-10>, "preservation": <1-10>, "quality": <1-10>, \
 "realism": <1-10>}}, ...]}}
 with one entry for each of the {n_images} edited image(s), integers only."""
-
-
-def overall(scores: dict[str, int]) -> float:
-    """S_all = 0.4 acc + 0.3 pre + 0.2 qua + 0.1 real, exact to one decimal (computed in tenths)."""
-    return sum(WEIGHTS[f] * scores[f] for f in FACTORS) / 10
 
 
 @dataclass(frozen=True)

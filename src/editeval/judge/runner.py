@@ -25,7 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from editeval.bench.store import ResultStore
 from editeval.data.datasets import load_dataset
 from editeval.judge.backends import BudgetExhausted, JudgeAnswer, JudgeRequest
-from editeval.judge.protocol import MODES, Protocol, overall
+from editeval.core.lmm_score import overall
+from editeval.judge.protocol import MODES, Protocol
 
 
 @dataclass

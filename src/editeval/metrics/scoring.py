@@ -45,7 +45,7 @@ from PIL import Image
 
 from editeval.bench.store import ResultStore
 from editeval.data.datasets import load_dataset
-from editeval.data.samples import TASKS
+from editeval.core.samples import TASKS
 from editeval.metrics import regions
 from editeval.metrics.backbones import default_backbones, resolve_vision_checkpoint
 

@@ -5,8 +5,8 @@ They have the architectures of ``openai/clip-vit-large-patch14`` (``CLIPModel`` 
 ``ViTImageProcessor``) at toy size (32 px inputs, hidden size 32, 2 layers), so every code path a real
 backbone takes (``from_pretrained``, the processors, torchmetrics' CLIPScore, the key hook of the
 structure distance) runs in a second on a CPU. Their numbers mean nothing: use them for plumbing and
-golden-value tests, never for quality claims. Saved under ``editeval.testing.cache_dir()`` like
-:func:`editeval.testing.tiny_checkpoint`, and named ``tiny`` on the command line
+golden-value tests, never for quality claims. Saved under ``editeval.core.cache.cache_dir()`` like
+:func:`editeval.models.tiny.tiny_checkpoint`, and named ``tiny`` on the command line
 (``--clip-model tiny``, ``--dino-model tiny``).
 """
 
@@ -27,7 +27,8 @@ def build_tiny_clip(path: str | os.PathLike) -> Path:
     ``CLIPProcessor`` (the real CLIP tokenizer), saved to ``path``."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from editeval.testing import TINY_SEED, clip_tokenizer
+    from editeval.models.tiny import TINY_SEED
+    from editeval.models.tokenizer import clip_tokenizer
 
     torch.manual_seed(TINY_SEED)
     common = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
@@ -53,7 +54,7 @@ def build_tiny_dino(path: str | os.PathLike) -> Path:
     (ImageNet mean and std, as DINO's), saved to ``path``."""
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
-    from editeval.testing import TINY_SEED
+    from editeval.models.tiny import TINY_SEED
 
     torch.manual_seed(TINY_SEED)
     config = ViTConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
@@ -71,10 +72,12 @@ def tiny_backbone(kind: str) -> Path:
     Raises:
         ValueError: unknown ``kind``.
     """
-    from editeval.testing import build_once, cache_dir
+    from editeval.core.cache import build_once, cache_dir
+    from editeval.models.progress import quiet_progress_bars
 
     builders = {"clip": build_tiny_clip, "dino": build_tiny_dino}
     if kind not in builders:
         raise ValueError(f"unknown tiny backbone {kind!r}; expected one of {', '.join(builders)}")
-    return build_once(cache_dir() / "tiny" / f"metrics-v{TINY_BACKBONE_VERSION}" / kind,
-                      "config.json", builders[kind])
+    with quiet_progress_bars():
+        return build_once(cache_dir() / "tiny" / f"metrics-v{TINY_BACKBONE_VERSION}" / kind,
+                          "config.json", builders[kind])

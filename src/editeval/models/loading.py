@@ -8,15 +8,13 @@ short message that says how to get it, instead of a huggingface_hub stack trace.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 import socket
-import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
+from editeval.models.progress import quiet_progress_bars
 from editeval.models.suites import resolve_checkpoint
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -65,26 +63,6 @@ def _not_available(checkpoint: str, reason: str, *, is_hub_id: bool) -> ModelNot
         f"use --model toy (shipped, trained on the toy world: real edits of toy scenes) or --model "
         "tiny (random weights, for plumbing only)."
     )
-
-
-@contextmanager
-def quiet_progress_bars() -> Iterator[None]:
-    """Hide diffusers' and transformers' loading bars and warnings (they clutter run progress)."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():  # diffusers still passes this deprecated argument
-            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-            yield
-    finally:
-        if was[0]:
-            dlog.enable_progress_bar()
-        if was[1]:
-            tlog.enable_progress_bar()
 
 
 def load_pipeline(

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from editeval import testing
+from editeval.models.tiny import tiny_checkpoint
 from editeval.toyworld import models as toy_models
 
 KINDS = ("text-to-image", "instruction", "inpainting")
@@ -76,8 +76,8 @@ SUITES: dict[str, ModelSuite] = {
             "tiny",
             "Tiny random-weight SD 1.5 architecture, built offline (64 px; noise, for plumbing tests)",
             {
-                "text-to-image": lambda: testing.tiny_checkpoint("sd"),
-                "instruction": lambda: testing.tiny_checkpoint("ip2p"),
+                "text-to-image": lambda: tiny_checkpoint("sd"),
+                "instruction": lambda: tiny_checkpoint("ip2p"),
             },
         ),
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from editeval.data.samples import TASKS, Dataset, DatasetError, Sample
+from editeval.core.samples import TASKS, Dataset, DatasetError, Sample
 from editeval.toyworld.oracle import EditScore, psnr, score_edit
 from editeval.toyworld.pairs import sample_pair
 from editeval.toyworld.scenes import Scene
@@ -27,7 +27,7 @@ PAIRS_PER_TASK = 30
 
 
 def default_root() -> Path:
-    from editeval.testing import cache_dir
+    from editeval.core.cache import cache_dir
 
     return cache_dir() / "datasets" / f"editeval-toy-v{SPLIT_VERSION}"
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from editeval.judge.protocol import FACTORS, overall
+from editeval.core.lmm_score import FACTORS, overall
 
 from editeval.toyworld.scenes import (
     BACKGROUNDS,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import ndimage
 
-from editeval.data.samples import TASKS
+from editeval.core.samples import TASKS
 from editeval.toyworld.scenes import (
     BACKGROUNDS,
     POSES,

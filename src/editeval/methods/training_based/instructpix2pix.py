@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from editeval.core.registry import EditInputs, MethodCard, MethodOutput, Paper, register_method
-from editeval.data.samples import TASKS
+from editeval.core import EditInputs, MethodCard, MethodOutput, Paper, register_method
+from editeval.core.samples import TASKS
 
 CARD = MethodCard(
     name="instructpix2pix",

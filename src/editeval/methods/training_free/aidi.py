@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from editeval.core.registry import EditInputs, MethodCard, MethodOutput, Paper, register_method
-from editeval.data.samples import TASKS
+from editeval.core import EditInputs, MethodCard, MethodOutput, Paper, register_method
+from editeval.core.samples import TASKS
 from editeval.diffusion.attention import AttentionController, control_attention
 from editeval.diffusion.ddim import (
     Reconstruction,

@@ -18,7 +18,7 @@ The noise predictions use the source prompt with classifier-free guidance ``sour
 
 Editing: start from the stored ``x_t`` at the ``skip``-th noisiest timestep and sample the remaining
 ``num_inference_steps - skip`` DDPM steps under the target prompt with guidance ``guidance_scale``
-and the same noise maps. The generator of :func:`editeval.core.api.edit` draws the ``n_t``, so the
+and the same noise maps. The generator of :func:`editeval.editing.edit` draws the ``n_t``, so the
 seed is part of the inversion (and of its cache key).
 
 Defaults (the paper's Stable Diffusion editing settings, as in the official ``main_run.py``):
@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from editeval.core.registry import EditInputs, MethodCard, MethodOutput, Paper, register_method
-from editeval.data.samples import TASKS
+from editeval.core import EditInputs, MethodCard, MethodOutput, Paper, register_method
+from editeval.core.samples import TASKS
 from editeval.diffusion.ddim import ddim_scheduler, noise_levels, predict_noise
 from editeval.diffusion.inversion_cache import cached_inversion, inversion_key
 from editeval.diffusion.latents import decode_latents, encode_image, encode_prompt

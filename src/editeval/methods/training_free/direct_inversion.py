@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from editeval.core.registry import EditInputs, MethodCard, MethodOutput, Paper, register_method
-from editeval.data.samples import TASKS
+from editeval.core import EditInputs, MethodCard, MethodOutput, Paper, register_method
+from editeval.core.samples import TASKS
 from editeval.methods.training_free.prompt_to_prompt import p2p_defaults, run_prompt_to_prompt
 
 CARD = MethodCard(

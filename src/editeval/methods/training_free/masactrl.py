@@ -60,8 +60,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from editeval.core.registry import EditInputs, MethodCard, MethodOutput, Paper, register_method
-from editeval.data.samples import TASKS
+from editeval.core import EditInputs, MethodCard, MethodOutput, Paper, register_method
+from editeval.core.samples import TASKS
 from editeval.diffusion.attention import AttentionCall, AttentionController, control_attention
 from editeval.diffusion.ddim import ddim_scheduler
 from editeval.diffusion.latents import decode_latents, encode_prompt

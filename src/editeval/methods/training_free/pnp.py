@@ -50,8 +50,8 @@ from typing import Any
 
 import torch
 
-from editeval.core.registry import EditInputs, MethodCard, MethodOutput, Paper, register_method
-from editeval.data.samples import TASKS
+from editeval.core import EditInputs, MethodCard, MethodOutput, Paper, register_method
+from editeval.core.samples import TASKS
 from editeval.diffusion.attention import AttentionCall, AttentionController, control_attention
 from editeval.diffusion.ddim import ddim_scheduler
 from editeval.diffusion.latents import decode_latents, encode_prompt

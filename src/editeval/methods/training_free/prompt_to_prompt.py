@@ -60,8 +60,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from editeval.core.registry import EditInputs, MethodCard, MethodOutput, Paper, register_method
-from editeval.data.samples import TASKS
+from editeval.core import EditInputs, MethodCard, MethodOutput, Paper, register_method
+from editeval.core.samples import TASKS
 from editeval.diffusion.attention import AttentionCall, AttentionController, control_attention
 from editeval.diffusion.dual_branch import sample_branches
 from editeval.diffusion.inversion import INVERSIONS, invert_source

@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from editeval.core.registry import EditInputs, MethodCard, MethodOutput, Paper, register_method
-from editeval.data.samples import TASKS
+from editeval.core import EditInputs, MethodCard, MethodOutput, Paper, register_method
+from editeval.core.samples import TASKS
 from editeval.diffusion.inversion import PROX_DILATE, PROX_QUANTILE, PROX_RECON_LR, PROX_RECON_T
 from editeval.methods.training_free.prompt_to_prompt import p2p_defaults, run_prompt_to_prompt
 

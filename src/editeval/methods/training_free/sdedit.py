@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from editeval.core.registry import EditInputs, MethodCard, MethodOutput, Paper, register_method
-from editeval.data.samples import TASKS
+from editeval.core import EditInputs, MethodCard, MethodOutput, Paper, register_method
+from editeval.core.samples import TASKS
 from editeval.diffusion.ddim import ddim_scheduler
 
 CARD = MethodCard(

@@ -1,7 +1,7 @@
 """``edit()``: run one registered method on one request.
 
 This is the one place that prepares inputs (loading, the resolution policy, masks), seeds the
-generator, counts NFE at the UNet and times the call, so every method gets them the same way.
+generator, counts NFE at the denoiser and times the call, so every method gets them the same way.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from editeval.core.nfe import count_nfe
-from editeval.core.registry import EditInputs, get_method
-from editeval.core.types import EditRequest, EditResult
+from editeval.core.nfe import count_nfe, denoiser
+from editeval.core.registry import get_method
+from editeval.core.types import EditInputs, EditRequest, EditResult
 from editeval.data.images import fit_to_resolution, load_image, load_mask
 
 
@@ -30,34 +30,38 @@ _FLAGS = {
 }
 
 
-# UNet input channels of each model kind, and how to get the right checkpoint
-_KIND_CHANNELS = {
-    "text-to-image": (4, "a text-to-image model", "use a suite name (--model sd15) or a "
+# what each model kind's denoiser takes besides the noisy latents (in latent channels, c = the VAE's
+# latent channels), and how to get the right checkpoint
+_KINDS = {
+    "text-to-image": (lambda c: c, "a text-to-image model", "use a suite name (--model sd15) or a "
                       "text-to-image checkpoint, not an instruction or inpainting one"),
-    "instruction": (8, "an instruction model", "use a suite's instruction checkpoint "
-                    "(--model sd15) or an InstructPix2Pix checkpoint"),
-    "inpainting": (9, "an inpainting model", "use a suite's inpainting checkpoint (--model sd15) "
-                   "or an inpainting checkpoint"),
+    "instruction": (lambda c: 2 * c, "an instruction model", "use a suite's instruction "
+                    "checkpoint (--model sd15) or an InstructPix2Pix checkpoint"),
+    "inpainting": (lambda c: 2 * c + 1, "an inpainting model", "use a suite's inpainting "
+                   "checkpoint (--model sd15) or an inpainting checkpoint"),
 }
 
 
 def check_model_kind(pipe: Any, method: str, model_kind: str) -> None:
-    """Refuse a pipeline whose UNet is not of ``model_kind`` (told apart by its input channels).
+    """Refuse a pipeline whose denoiser is not of ``model_kind``, told apart by its input channels:
+    the VAE's latent channels c (text-to-image), 2c (instruction: the source's latents beside the
+    noisy ones) or 2c + 1 (inpainting: latents, masked-image latents and the mask).
 
     Raises:
-        EditInputError: the UNet has another number of input channels; the message says which
-            checkpoint to use.
+        EditInputError: the denoiser takes another number of input channels; the message says
+            which checkpoint to use.
     """
-    channels, label, fix = _KIND_CHANNELS[model_kind]
-    got = pipe.unet.config.in_channels
+    channels_of, label, fix = _KINDS[model_kind]
+    channels = channels_of(int(pipe.vae.config.latent_channels))
+    got = denoiser(pipe).config.in_channels
     if got != channels:
-        raise EditInputError(f"{method} needs {label} ({channels}-channel UNet), got a "
+        raise EditInputError(f"{method} needs {label} ({channels}-channel denoiser), got a "
                              f"{got}-channel one: {fix}")
 
 
 def model_resolution(pipe: Any) -> int:
-    """The pipeline's native image side in pixels (UNet sample size times the VAE factor)."""
-    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    """The pipeline's native image side in pixels (denoiser sample size times the VAE factor)."""
+    return int(denoiser(pipe).config.sample_size * pipe.vae_scale_factor)
 
 
 def prepare_inputs(request: EditRequest, resolution: int, needs: tuple[str, ...] = (),
@@ -138,7 +142,7 @@ def edit(
     inputs, geometry = prepare_inputs(request, model_resolution(pipe), card.inputs,
                                       inversion_cache, card.optional_inputs)
     generator = torch.Generator("cpu").manual_seed(request.seed)
-    with count_nfe(pipe.unet) as counter:
+    with count_nfe(denoiser(pipe)) as counter:
         start = time.perf_counter()
         output = registered.fn(pipe, inputs, generator, **params)
         wall = time.perf_counter() - start
@@ -148,6 +152,7 @@ def edit(
         method=card.name,
         model=str(pipe.name_or_path),
         nfe=counter.nfe,
+        uncached_nfe=counter.uncached,
         wall_seconds=wall,
         params=params,
         seed=request.seed,

@@ -87,7 +87,8 @@ def word_swap_quality(pipe: Any, pairs: list[WordSwapPair], method: str = "p2p",
     Returns ``{"success": rate in [0, 1], "unedited_psnr": mean dB, "successes": [bool],
     "unedited_psnrs": [dB], "nfe": [int]}``.
     """
-    from editeval.core import EditRequest, edit
+    from editeval.core import EditRequest
+    from editeval.editing import edit
 
     successes, unedited, nfe = [], [], []
     for pair in pairs:

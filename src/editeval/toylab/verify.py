@@ -1,6 +1,6 @@
 """Does every method really edit? Each registered method on ``editeval-toy``, judged by the oracle.
 
-    python -m editeval.toyworld.verify --per-task 5 --write docs/methods.md
+    python -m editeval.toylab.verify --per-task 5 --write docs/methods.md
 
 runs every method (or ``--methods a,b``) on the first ``--per-task`` samples of each of the 7 tasks
 with the toy models and the method's defaults, through the resumable benchmark runner (the run
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from editeval.data.samples import TASKS
+from editeval.core.samples import TASKS
 
 SHORT = {"object_addition": "add", "object_replacement": "replace", "object_removal": "remove",
          "background_change": "background", "style_change": "style",
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(verify(methods, args.per_task, args.out, args.model))
     print(table)
     if args.write is not None:
-        command = " ".join(["python -m editeval.toyworld.verify", *argv])
+        command = " ".join(["python -m editeval.toylab.verify", *argv])
         old = args.write.read_text() if args.write.exists() else ""
         args.write.write_text(_document(table, command, args) + _after_table(old))
 

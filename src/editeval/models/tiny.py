@@ -10,7 +10,7 @@ quality claims.
   its noise prediction does not swing wildly with the input (DDIM inversion stays bounded).
 - VAE: ``AutoencoderKL`` with SD's downsampling factor 8 (64x64 RGB -> 8x8x4 latents).
 - Text encoder: a 2-layer ``CLIPTextModel`` with the real CLIP vocabulary size (49408).
-- Tokenizer: :func:`clip_tokenizer`, built from the CLIP BPE vocabulary shipped in ``open_clip_torch``;
+- Tokenizer: :func:`editeval.models.tokenizer.clip_tokenizer`, built from the CLIP BPE vocabulary shipped in ``open_clip_torch``;
   its ids equal those of ``openai/clip-vit-large-patch14``.
 - Schedulers as the real checkpoints ship them: SD 1.5's ``PNDMScheduler`` (scaled_linear betas
   0.00085..0.012, 1000 steps) and InstructPix2Pix's ``EulerAncestralDiscreteScheduler``.
@@ -21,16 +21,15 @@ Pipelines are saved in diffusers format under the editeval cache directory and l
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
-import shutil
-from collections.abc import Callable
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import torch
+
+from editeval.core.cache import build_once, cache_dir
+from editeval.models.progress import quiet_progress_bars
+from editeval.models.tokenizer import clip_tokenizer
 
 TINY_SEED = 0
 TINY_VERSION = 1  # bump when the builders change, so stale cached checkpoints are not reused
@@ -38,64 +37,6 @@ TINY_RESOLUTION = 64
 _SD_SCHEDULE = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
 )
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable-unicode table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def write_clip_tokenizer_files(directory: str | os.PathLike) -> Path:
-    """Write ``vocab.json`` and ``merges.txt`` of CLIP's BPE tokenizer into ``directory``.
-
-    The merges come from ``open_clip/bpe_simple_vocab_16e6.txt.gz`` (shipped in the
-    ``open_clip_torch`` wheel); the vocabulary is rebuilt the way CLIP builds it (256 byte symbols,
-    the same with ``</w>``, one symbol per merge, then the two special tokens), 49408 entries.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    bpe = resources.files("open_clip").joinpath("bpe_simple_vocab_16e6.txt.gz")
-    lines = gzip.decompress(bpe.read_bytes()).decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
-    symbols = list(_bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (directory / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (directory / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
-    )
-    return directory
-
-
-def clip_tokenizer(directory: str | os.PathLike | None = None):
-    """A ``CLIPTokenizer`` (max length 77) equal to ``openai/clip-vit-large-patch14``'s, offline."""
-    from transformers import CLIPTokenizer
-
-    if directory is None:
-        directory = cache_dir() / "clip-tokenizer"
-    directory = Path(directory)
-    if not (directory / "merges.txt").exists():
-        write_clip_tokenizer_files(directory)
-    return CLIPTokenizer(
-        str(directory / "vocab.json"),
-        str(directory / "merges.txt"),
-        model_max_length=77,
-        pad_token="<|endoftext|>",
-    )
-
-
-def cache_dir() -> Path:
-    """Where editeval keeps built models: ``$EDITEVAL_CACHE`` or ``~/.cache/editeval``."""
-    return Path(os.environ.get("EDITEVAL_CACHE", Path.home() / ".cache" / "editeval"))
 
 
 def _components(in_channels: int) -> dict:
@@ -217,24 +158,6 @@ def build_tiny_vlm(path: str | os.PathLike) -> Path:
 def tiny_checkpoint(kind: str) -> Path:
     """Path of the saved tiny checkpoint of ``kind`` ("sd", "ip2p" or "vlm"), built on first use."""
     builders = {"sd": build_tiny_sd, "ip2p": build_tiny_ip2p, "vlm": build_tiny_vlm}
-    return build_once(cache_dir() / "tiny" / f"v{TINY_VERSION}" / kind, "model_index.json",
-                      builders[kind])
-
-
-def build_once(path: Path, marker: str, build: Callable[[Path], None]) -> Path:
-    """``path``, built by ``build(folder)`` unless ``path / marker`` exists; safe across processes.
-
-    The folder is built under a temporary name and renamed into place, so a half-built model is
-    never seen under ``path``; when another process finished first, its copy is kept.
-    """
-    from editeval.models.loading import quiet_progress_bars
-
-    if not (path / marker).exists():
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        with quiet_progress_bars():
-            build(tmp)
-        try:
-            tmp.replace(path)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp)
-    return path
+    with quiet_progress_bars():
+        return build_once(cache_dir() / "tiny" / f"v{TINY_VERSION}" / kind, "model_index.json",
+                          builders[kind])

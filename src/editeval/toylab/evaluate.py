@@ -1,6 +1,6 @@
 """Quality of the toy models, measured by the oracle against ground truth.
 
-    python -m editeval.toyworld.evaluate --model toy --samples 200     # prints a Markdown table
+    python -m editeval.toylab.evaluate --model toy --samples 200     # prints a Markdown table
 
 Measures (the bars of the toy-world issue in brackets):
 - VAE reconstruction PSNR on random scenes [>= 28 dB], and the share of object shapes the oracle
@@ -124,7 +124,8 @@ def text_to_image_accuracy(pipe: Any, scenes: list, steps: int = 50,
 def instruction_edit_quality(pipe: Any, samples: list, steps: int = 50) -> dict[str, Any]:
     """InstructPix2Pix on toy samples: oracle success per task and unedited-region PSNR (dB)
     against the ground-truth target."""
-    from editeval.core import EditRequest, edit
+    from editeval.core import EditRequest
+    from editeval.editing import edit
     from editeval.toyworld.dataset import judge_sample
 
     success: dict[str, list[bool]] = defaultdict(list)
