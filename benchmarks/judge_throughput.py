@@ -23,22 +23,22 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from judge_server import JudgeServer, chat, images_of, scores_json  # noqa: E402
 
-from editeval.bench.store import ResultStore  # noqa: E402
 from editeval.data import load_dataset  # noqa: E402
 from editeval.judge import Protocol, make_backend, score_run  # noqa: E402
+from editeval.run import Run, RunConfig  # noqa: E402
 
 
-def make_run(root: Path, items: int) -> Path:
+def make_run(root: Path, items: int) -> Run:
+    """A run whose "copy" method returned every source unchanged."""
     samples = load_dataset("editeval-toy", root / "toy").samples[:items]
-    run = root / "run"
-    with ResultStore(run) as store:
-        store.check_config({"dataset": "editeval-toy", "data_dir": str(root / "toy"),
-                            "prompts_file": None, "model": "fake", "params": {}})
-        for sample in samples:
-            store.record_done(job_id=f"copy/{sample.id}/seed0", method="copy",
+    run = Run.for_config(RunConfig(dataset="editeval-toy", methods=["copy"], model="fake",
+                                   out=root / "run", data_dir=root / "toy"))
+    run.save_config()
+    for sample in samples:
+        run.store.record_done(job_id=f"copy/{sample.id}/seed0", method="copy",
                               sample_id=sample.id, task=sample.task, seed=0,
-                              image=Image.open(sample.image_path), nfe=0, wall_seconds=0.0,
-                              model="fake", params={})
+                              image=Image.open(sample.image_path), nfe=0, uncached_nfe=0,
+                              wall_seconds=0.0, model="fake", params={})
     return run
 
 
@@ -70,8 +70,8 @@ def main() -> None:
     url = urls.get(timeout=60)
     try:
         for concurrency in (1, 8):
-            shutil.rmtree(run / "judge_cache", ignore_errors=True)
-            with sqlite3.connect(run / "results.sqlite") as db:
+            shutil.rmtree(run.judge_cache_dir, ignore_errors=True)
+            with sqlite3.connect(run.path / "results.sqlite") as db:
                 db.execute("DELETE FROM judge_scores")
             backend = make_backend("openai:fake", run, base_url=url)
             start = time.perf_counter()

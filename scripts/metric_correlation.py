@@ -23,6 +23,7 @@ from editeval.metrics.correlation import (
     settings_markdown,
     to_markdown,
 )
+from editeval.run import Run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="scored editeval-toy run directories")
     parser.add_argument("--csv", type=Path, help="also write the per-edit table here")
     args = parser.parse_args(argv)
-    edits = edit_table(args.runs)
+    runs = [Run.open(path) for path in args.runs]
+    edits = edit_table(runs)
     if args.csv:
         edits.to_csv(args.csv, index=False)
     truths = [t for t in TRUTHS if edits[t].notna().any()]
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print("Per (setting, task) group: group means of the per-image metrics, and FID / KID:")
     print()
-    print(to_markdown(group_table(args.runs, edits), ["group success", "group unedited_psnr"],
+    print(to_markdown(group_table(runs, edits), ["group success", "group unedited_psnr"],
                       with_auc=False))
 
 

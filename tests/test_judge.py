@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,11 +21,11 @@ from judge_server import JudgeServer, chat, images_of, scores_json
 from PIL import Image
 from typer.testing import CliRunner
 
-from editeval.bench.store import ResultStore
 from editeval import cli
 from editeval.cli import app
 from editeval.core.samples import Sample
 from editeval.data import load_dataset, load_image
+from editeval.run import Run, RunConfig
 from editeval.judge import (
     OpenAICompatibleBackend,
     Protocol,
@@ -120,17 +121,16 @@ def toy_run(toy_dir, tmp_path) -> Path:
     """A run directory with two fake methods on 3 toy samples: `alpha` returns the ground-truth
     target (a perfect edit), `beta` the unchanged source."""
     samples = load_dataset("editeval-toy", toy_dir).select(["texture_change"], limit=3)
-    run = tmp_path / "run"
-    with ResultStore(run) as store:
-        store.check_config({"dataset": "editeval-toy", "data_dir": str(toy_dir),
-                            "prompts_file": None, "model": "fake", "params": {}})
+    with Run.for_config(RunConfig(dataset="editeval-toy", methods=["alpha", "beta"],
+                                  model="fake", out=tmp_path / "run", data_dir=toy_dir)) as run:
+        run.save_config()
         for method, attribute in (("alpha", "target_image_path"), ("beta", "image_path")):
             for sample in samples:
-                store.record_done(job_id=f"{method}/{sample.id}/seed0", method=method,
-                                  sample_id=sample.id, task=sample.task, seed=0,
-                                  image=Image.open(getattr(sample, attribute)), nfe=0,
-                                  wall_seconds=0.0, model="fake", params={})
-    return run
+                run.store.record_done(job_id=f"{method}/{sample.id}/seed0", method=method,
+                                      sample_id=sample.id, task=sample.task, seed=0,
+                                      image=Image.open(getattr(sample, attribute)), nfe=0,
+                                      uncached_nfe=0, wall_seconds=0.0, model="fake", params={})
+    return run.path
 
 
 def _valid(body, call):
@@ -144,9 +144,9 @@ def test_retry_after_429_then_success(toy_run):
         return _valid(body, call)
 
     with JudgeServer(reply) as server:
-        backend = make_backend("openai:fake", toy_run, base_url=server.url)
+        backend = make_backend("openai:fake", Run.open(toy_run), base_url=server.url)
         start = time.monotonic()
-        summary = score_run(toy_run, backend, Protocol(mode="per-image"), concurrency=1)
+        summary = score_run(Run.open(toy_run), backend, Protocol(mode="per-image"), concurrency=1)
         elapsed = time.monotonic() - start
     assert dict(summary.statuses) == {"ok": 6}
     assert len(server.bodies) == 7 and summary.requests == 7
@@ -154,13 +154,22 @@ def test_retry_after_429_then_success(toy_run):
 
 
 def test_timeout_then_success(toy_run):
+    # the first request stalls far beyond the client's timeout (2 s, which a prompt answer meets
+    # on a loaded machine too), but only until the client has given up and retried, so that the
+    # test takes the timeout, not the stall
+    retried = threading.Event()
+
     def reply(body, call):
-        return (*_valid(body, call)[:3], 1.5 if call == 0 else 0.0)
+        if call == 0:
+            retried.wait(60)
+        else:
+            retried.set()
+        return _valid(body, call)
 
     with JudgeServer(reply) as server:
-        backend = make_backend("openai:fake", toy_run, base_url=server.url, timeout=0.5)
+        backend = make_backend("openai:fake", Run.open(toy_run), base_url=server.url, timeout=2.0)
         backend.backoff = 0.01
-        summary = score_run(toy_run, backend, Protocol(), concurrency=1)
+        summary = score_run(Run.open(toy_run), backend, Protocol(), concurrency=1)
     assert dict(summary.statuses) == {"ok": 6}  # comparative: 3 requests of 2 images
     assert len(server.bodies) == 4
 
@@ -177,17 +186,18 @@ def test_failures_and_refusals_are_recorded_with_raw_text(toy_run):
         return _valid(body, call)
 
     with JudgeServer(reply) as server:
-        backend = make_backend("openai:fake", toy_run, base_url=server.url)
-        summary = score_run(toy_run, backend, Protocol(mode="per-image"), concurrency=1)
+        backend = make_backend("openai:fake", Run.open(toy_run), base_url=server.url)
+        summary = score_run(Run.open(toy_run), backend, Protocol(mode="per-image"), concurrency=1)
     assert dict(summary.statuses) == {"parse_failed": 2, "refused": 1, "ok": 3}
-    with ResultStore(toy_run) as store:
+    with Run.open(toy_run) as run:
+        store = run.store
         rows = store.judgements()
     failed = [r for r in rows if r["status"] == "parse_failed"]
     assert {r["raw"] for r in failed} == set(answers)
     assert all(r["s_all"] is None and r["accuracy"] is None for r in failed)
     refused = [r for r in rows if r["status"] == "refused"]
     assert refused[0]["message"] == "The prompt was filtered."
-    table, _ = leaderboard(toy_run)
+    table, _ = leaderboard(Run.open(toy_run))
     assert table["failures"].sum() == 3 and table["items"].sum() == 6
 
 
@@ -201,8 +211,12 @@ def _judged(run: Path) -> int:
 
 @pytest.mark.slow
 def test_crash_half_way_then_resume_sends_nothing_twice(toy_run):
+    killed = threading.Event()
+
     def reply(body, call):
-        return (*_valid(body, call)[:3], 0.4)
+        if call >= 2:  # the first run's third request hangs until that run is killed mid-request
+            killed.wait(60)
+        return _valid(body, call)
 
     with JudgeServer(reply) as server:
         command = [sys.executable, "-m", "editeval.cli", "score", str(toy_run), "--judge",
@@ -214,6 +228,7 @@ def test_crash_half_way_then_resume_sends_nothing_twice(toy_run):
             time.sleep(0.02)
         process.send_signal(signal.SIGKILL)
         process.wait()
+        killed.set()
         judged = _judged(toy_run)
         cached = len(list((toy_run / "judge_cache").rglob("*.json")))
         assert 2 <= judged < 6
@@ -231,7 +246,7 @@ def test_api_key_is_sent_but_never_stored(toy_run, monkeypatch):
     secret = "sk-test-0123456789abcdef"
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     with JudgeServer(_valid) as server:
-        score_run(toy_run, make_backend("openai:fake", toy_run, base_url=server.url), Protocol())
+        score_run(Run.open(toy_run), make_backend("openai:fake", Run.open(toy_run), base_url=server.url), Protocol())
     assert all(h["Authorization"] == f"Bearer {secret}" for h in server.headers)
     for path in toy_run.rglob("*"):
         if path.is_file():
@@ -240,11 +255,11 @@ def test_api_key_is_sent_but_never_stored(toy_run, monkeypatch):
 
 def test_rescoring_hits_the_cache(toy_run):
     with JudgeServer(_valid) as server:
-        first = score_run(toy_run, make_backend("openai:fake", toy_run, base_url=server.url),
+        first = score_run(Run.open(toy_run), make_backend("openai:fake", Run.open(toy_run), base_url=server.url),
                           Protocol())
         with sqlite3.connect(toy_run / "results.sqlite") as db:  # lose the scores, keep the cache
             db.execute("DELETE FROM judge_scores")
-        second = score_run(toy_run, make_backend("openai:fake", toy_run, base_url=server.url),
+        second = score_run(Run.open(toy_run), make_backend("openai:fake", Run.open(toy_run), base_url=server.url),
                            Protocol())
     assert first.requests == 3 and second.requests == 0 and len(server.bodies) == 3
     assert dict(second.statuses) == {"ok": 6}
@@ -257,12 +272,12 @@ def test_repeats_report_their_spread(toy_run):
         return 200, {}, chat(scores_json([(value, value, value, value)] * n)), 0.0
 
     with JudgeServer(reply) as server:
-        backend = make_backend("openai:fake", toy_run, base_url=server.url, temperature=0.7)
-        summary = score_run(toy_run, backend, Protocol(), repeats=2)
+        backend = make_backend("openai:fake", Run.open(toy_run), base_url=server.url, temperature=0.7)
+        summary = score_run(Run.open(toy_run), backend, Protocol(), repeats=2)
     assert summary.requests == 6
     assert {b["temperature"] for b in server.bodies} == {0.7}
     assert {b["seed"] for b in server.bodies} == {0, 1}
-    table, identity = leaderboard(toy_run)
+    table, identity = leaderboard(Run.open(toy_run))
     assert list(table["mean"]) == [5.0, 5.0]
     assert list(table["repeat_spread"]) == [1.0, 1.0]  # population std of (4, 6)
     assert "| alpha | 0.0% (0/6) |" in to_markdown(table, identity)  # parse failures, 2 repeats
@@ -276,7 +291,7 @@ def test_oracle_judge_and_leaderboard(toy_run, tmp_path, monkeypatch):
     assert "computed by the oracle from ground truth (no model requests)" in result.output
     assert "edits judged now: 6 ok" in result.output
     assert "Parse failures" not in result.output  # the oracle parses no reply
-    table, identity = leaderboard(toy_run)
+    table, identity = leaderboard(Run.open(toy_run))
     assert identity["judge"] == "oracle"
     assert list(table["method"]) == ["alpha", "beta"] and table["mean"][0] == 10.0
     assert table["mean"][1] < 10.0
@@ -308,7 +323,7 @@ def test_custom_template(tmp_path):
 
 def test_unknown_judge_is_explained(tmp_path):
     with pytest.raises(ValueError, match="openai:MODEL"):
-        make_backend("gpt-4o", tmp_path)
+        make_backend("gpt-4o", Run(tmp_path, {}))
 
 
 def test_images_are_png_data_urls(tmp_path):
@@ -332,7 +347,7 @@ def test_local_vlm_backend_plumbing(toy_run, monkeypatch):
     from editeval.judge.backends import LocalVLMBackend
     from editeval.models.tiny import tiny_checkpoint
 
-    backend = make_backend(f"local:{tiny_checkpoint('vlm')}", toy_run)
+    backend = make_backend(f"local:{tiny_checkpoint('vlm')}", Run.open(toy_run))
     assert isinstance(backend, LocalVLMBackend)
     backend.max_new_tokens = 8
     calls = []
@@ -343,15 +358,16 @@ def test_local_vlm_backend_plumbing(toy_run, monkeypatch):
         return generate(self, messages, images, repeat)
 
     monkeypatch.setattr(LocalVLMBackend, "_generate", counting)
-    summary = score_run(toy_run, backend, Protocol())
+    summary = score_run(Run.open(toy_run), backend, Protocol())
     assert calls == [3, 3, 3]  # source + 2 edits per comparative request
     assert dict(summary.statuses) == {"parse_failed": 6}
-    with ResultStore(toy_run) as store:
+    with Run.open(toy_run) as run:
+        store = run.store
         rows = store.judgements()
     assert all(r["raw"] and r["s_all"] is None for r in rows)
     with sqlite3.connect(toy_run / "results.sqlite") as db:
         db.execute("DELETE FROM judge_scores")
-    again = make_backend(f"local:{tiny_checkpoint('vlm')}", toy_run)
+    again = make_backend(f"local:{tiny_checkpoint('vlm')}", Run.open(toy_run))
     again.max_new_tokens = 8
-    score_run(toy_run, again, Protocol())
+    score_run(Run.open(toy_run), again, Protocol())
     assert calls == [3, 3, 3]  # all from the cache

@@ -14,7 +14,7 @@ from PIL import Image
 from scipy import stats
 from typer.testing import CliRunner
 
-from editeval.bench.store import ResultStore
+from editeval.run import Run, RunConfig
 from editeval.cli import app
 from editeval.data import load_dataset
 from editeval.metrics import BackboneUnavailableError, metric_table, parse_metrics, score_metrics
@@ -244,18 +244,19 @@ def toy_run(tmp_path):
     """A run of the tiny model over three editeval-toy samples: method ``truth`` returns the
     ground-truth target, ``blurred`` a box-blurred copy of it. style_change/1's mask is full."""
     samples = {s.id: s for s in load_dataset("editeval-toy").samples}
-    run = tmp_path / "run"
-    with ResultStore(run) as store:
-        store.check_config({"dataset": "editeval-toy", "model": "tiny", "params": {}})
+    with Run.for_config(RunConfig(dataset="editeval-toy", methods=["truth", "blurred"],
+                                  model="tiny", out=tmp_path / "run")) as run:
+        run.save_config()
         for sample_id in ("object_addition/1", "style_change/1", "texture_change/2"):
             sample = samples[sample_id]
             target = Image.open(sample.target_image_path).convert("RGB")
             blurred = target.resize((16, 16), Image.Resampling.BOX).resize(target.size)
             for method, image in (("truth", target), ("blurred", blurred)):
-                store.record_done(job_id=f"{method}/{sample_id}/seed0", method=method,
-                                  sample_id=sample_id, task=sample.task, seed=0, image=image,
-                                  nfe=0, wall_seconds=0.0, model="tiny", params={})
-    return run
+                run.store.record_done(job_id=f"{method}/{sample_id}/seed0", method=method,
+                                      sample_id=sample_id, task=sample.task, seed=0, image=image,
+                                      nfe=0, uncached_nfe=0, wall_seconds=0.0, model="tiny",
+                                      params={})
+    return run.path
 
 
 ALL = ["clip_t", "clip_t_edited", "clip_i", "clip_dir", "lpips", "psnr", "ssim", "mse",
@@ -263,17 +264,17 @@ ALL = ["clip_t", "clip_t_edited", "clip_i", "clip_dir", "lpips", "psnr", "ssim",
 
 
 def test_scoring_counts_nans_and_resumes(toy_run):
-    first = score_metrics(toy_run, ALL)
+    first = score_metrics(Run.open(toy_run), ALL)
     assert first.backbones["clip_t"] == "tiny-clip" and first.backbones["psnr"] == "pixels"
     assert first.backbones["dino_struct"] == "tiny-dino"
     assert first.backbones["fid"] == "clip-image:tiny-clip"
     assert all(first.computed[m] == 6 for m in ALL[:9])
     assert first.computed["fid"] == 2 * 4  # (truth, blurred) x (3 tasks + all)
-    again = score_metrics(toy_run, ALL)
+    again = score_metrics(Run.open(toy_run), ALL)
     assert sum(again.computed.values()) == 0
     assert all(again.skipped[m] == 6 for m in ALL[:9]) and again.skipped["kid"] == 8
 
-    per_image, sets = metric_table(toy_run)
+    per_image, sets = metric_table(Run.open(toy_run))
     psnr = per_image[(per_image.metric == "psnr") & (per_image.task == "all")].set_index("method")
     assert psnr.loc["truth", "nan"] == 1 and psnr.loc["truth", "n"] == 2  # style: full mask
     # the ground truth equals the source outside the mask: every pixel of the region is equal
@@ -281,7 +282,8 @@ def test_scoring_counts_nans_and_resumes(toy_run):
     assert psnr.loc["blurred", "mean"] < 40
     style = per_image[(per_image.task == "style_change") & (per_image.metric == "mse")]
     assert set(style["nan"]) == {1} and set(style["n"]) == {0} and style["mean"].isna().all()
-    with ResultStore(toy_run) as store:
+    with Run.open(toy_run) as run:
+        store = run.store
         rows = [r for r in store.metric_values() if r["metric"] == "ssim"]
     values = {r["job_id"]: r for r in rows}
     assert math.isnan(values["truth/style_change/1/seed0"]["value"])
@@ -298,15 +300,16 @@ def test_scoring_counts_nans_and_resumes(toy_run):
 
 
 def test_rescoring_after_a_new_edit_computes_only_it(toy_run):
-    score_metrics(toy_run, ["psnr", "fid"])
+    score_metrics(Run.open(toy_run), ["psnr", "fid"])
     samples = {s.id: s for s in load_dataset("editeval-toy").samples}
     sample = samples["object_removal/1"]
-    with ResultStore(toy_run) as store:
+    with Run.open(toy_run) as run:
+        store = run.store
         store.record_done(job_id="truth/object_removal/1/seed0", method="truth",
                           sample_id=sample.id, task=sample.task, seed=0,
                           image=Image.open(sample.image_path).convert("RGB"), nfe=0,
-                          wall_seconds=0.0, model="tiny", params={})
-    again = score_metrics(toy_run, ["psnr", "fid"])
+                          uncached_nfe=0, wall_seconds=0.0, model="tiny", params={})
+    again = score_metrics(Run.open(toy_run), ["psnr", "fid"])
     assert again.computed["psnr"] == 1 and again.skipped["psnr"] == 6
     # the new task's set, and truth's "all" set (its edits changed); the rest is kept
     assert again.computed["fid"] == 2 and again.skipped["fid"] == 7  # of 9 sets now
@@ -360,8 +363,8 @@ def test_correlation_table_on_constructed_values():
 def test_edit_table_joins_ground_truth_and_metrics(toy_run):
     from editeval.metrics.correlation import edit_table
 
-    score_metrics(toy_run, ["psnr"])
-    edits = edit_table([toy_run]).set_index("job_id")
+    score_metrics(Run.open(toy_run), ["psnr"])
+    edits = edit_table([Run.open(toy_run)]).set_index("job_id")
     assert len(edits) == 6 and set(edits["setting"]) == {"run:truth", "run:blurred"}
     truth = edits[edits["setting"] == "run:truth"]
     assert (truth["success"] == 1.0).all()  # the ground-truth target is a successful edit

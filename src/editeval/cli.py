@@ -33,7 +33,8 @@ errors = Console(stderr=True, soft_wrap=True)
 @contextmanager
 def _clean_errors() -> Iterator[None]:
     """Turn the library's input and configuration errors into one red line and exit code 2."""
-    from editeval.bench.store import RunConfigError
+    from editeval.bench import PlanError
+    from editeval.run import NotARunError, RunConfigError
     from editeval.editing import EditInputError
     from editeval.core.samples import DatasetError
     from editeval.data import ImageLoadError, MaskError
@@ -42,7 +43,7 @@ def _clean_errors() -> Iterator[None]:
     try:
         yield
     except (DatasetError, EditInputError, ImageLoadError, MaskError, ModelNotAvailableError,
-            RunConfigError, KeyError, ValueError) as err:
+            NotARunError, PlanError, RunConfigError, KeyError, ValueError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         errors.print(f"[red]error:[/red] {message}", highlight=False)
         raise typer.Exit(2) from None
@@ -126,12 +127,12 @@ def bench(
     retry_failed: Annotated[bool, typer.Option("--retry-failed/--skip-failed", help="Rerun jobs that failed in an earlier call.")] = True,
 ) -> None:
     """Edit every sample with every method (resumable: the same command again skips finished jobs)."""
-    from editeval.bench import BenchConfig, ResultStore, run_bench
-    from editeval.bench.runner import summarize
+    from editeval.bench import run_bench, summarize
+    from editeval.run import Run, RunConfig
 
     safe_model = re.sub(r"[^\w.-]+", "_", model).strip("_")
     out = out or Path("runs") / f"{dataset}-{safe_model}"
-    config = BenchConfig(dataset=dataset, methods=_split(methods), model=model, out=out,
+    config = RunConfig(dataset=dataset, methods=_split(methods), model=model, out=out,
                          data_dir=data_dir, prompts_file=prompts, tasks=_split(tasks),
                          limit=limit, per_task=per_task, seeds=seed, params=_parse_params(set_, qualified=True),
                          device=device, dtype=dtype, retry_failed=retry_failed)
@@ -142,16 +143,17 @@ def bench(
             errors.print(f"\n[yellow]interrupted[/yellow]: finished jobs are kept in {out}; "
                          "run the same command again to resume")
             raise typer.Exit(130) from None
-    with ResultStore(out) as store:
-        stats = summarize(store.rows())
+    with Run.open(out) as run:
+        stats = summarize(run.rows())
     table = Table(title=f"{out}  ({summary.done} done and {summary.failed} failed now, "
                         f"{summary.skipped} finished before)")
-    for column in ("method", "done", "failed", "mean NFE", "mean s/edit"):
+    for column in ("method", "done", "failed", "mean NFE", "uncached NFE", "mean s/edit"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for name, row in sorted(stats.items()):
-        nfe = "-" if row["done"] == 0 else f"{row['mean_nfe']:.0f}"
-        seconds = "-" if row["done"] == 0 else f"{row['mean_seconds']:.2f}"
-        table.add_row(name, str(row["done"]), str(row["failed"]), nfe, seconds)
+        cells = [f"{row[key]:{form}}" if row["done"] and row[key] == row[key] else "-"
+                 for key, form in (("mean_nfe", ".0f"), ("mean_uncached_nfe", ".0f"),
+                                   ("mean_seconds", ".2f"))]
+        table.add_row(name, str(row["done"]), str(row["failed"]), *cells)
     console.print(table)
     for job_id, error in list(summary.errors.items())[:5]:
         errors.print(f"[red]failed[/red] {job_id}: {error.splitlines()[0]}", highlight=False)
@@ -188,21 +190,19 @@ def score(
     from editeval.judge import Protocol, leaderboard, make_backend, score_run, to_markdown
     from editeval.metrics import (DEFAULT_METRICS, metric_table, metrics_markdown, parse_metrics,
                                   score_metrics)
+    from editeval.run import Run
 
-    with _clean_errors():
+    with _clean_errors(), Run.open(run_dir) as run:
         wanted = None if metrics is None else (
             list(DEFAULT_METRICS) if metrics == "default" else parse_metrics(metrics))
         judge = judge or (None if wanted else "oracle")
         if judge is not None:
             protocol = Protocol.from_file(template, mode) if template else Protocol(mode=mode)
-            backend = make_backend(judge, run_dir, base_url=base_url, api_key_env=api_key_env,
+            backend = make_backend(judge, run, base_url=base_url, api_key_env=api_key_env,
                                    budget=budget, temperature=temperature, seed=seed,
                                    max_side=max_side, timeout=timeout, structured=structured)
-            try:
-                summary = score_run(run_dir, backend, protocol, concurrency=concurrency,
-                                    repeats=repeats, seed=seed, console=errors)
-            except FileNotFoundError as err:
-                raise ValueError(str(err)) from None
+            summary = score_run(run, backend, protocol, concurrency=concurrency,
+                                repeats=repeats, seed=seed, console=errors)
             statuses = ", ".join(f"{n} {s}" for s, n in sorted(summary.statuses.items())) or "none"
             sent = (f"{summary.requests} requests sent" if backend.name != "oracle"
                     else "computed by the oracle from ground truth (no model requests)")
@@ -210,26 +210,23 @@ def score(
                          f"{summary.skipped_items} judged before")
             if summary.budget_exhausted:
                 errors.print(f"[yellow]request budget of {budget} spent: rerun to continue")
-            table, identity = leaderboard(run_dir, backend.name)
+            table, identity = leaderboard(run, backend.name)
             console.print(to_markdown(table, identity), markup=False, highlight=False)
         if wanted:
             progress = Progress(TextColumn("[bold]metrics"), BarColumn(), MofNCompleteColumn(),
                                 console=errors)
             with progress:
                 task = progress.add_task("metrics", total=None)
-                try:
-                    done = score_metrics(
-                        run_dir, wanted, clip_model=clip_model, dino_model=dino_model,
-                        lpips_net=lpips_net, fid_model=fid_model,
-                        progress=lambda n, total: progress.update(task, completed=n, total=total))
-                except FileNotFoundError as err:
-                    raise ValueError(str(err)) from None
+                done = score_metrics(
+                    run, wanted, clip_model=clip_model, dino_model=dino_model,
+                    lpips_net=lpips_net, fid_model=fid_model,
+                    progress=lambda n, total: progress.update(task, completed=n, total=total))
             errors.print("metric values computed now: " + (", ".join(
                 f"{m} {n}" for m, n in done.computed.items()) or "none") + "; stored before: "
                 + (", ".join(f"{m} {n}" for m, n in done.skipped.items()) or "none"))
             errors.print("backbones: " + ", ".join(f"{m}={b}" for m, b in done.backbones.items()),
                          highlight=False)
-            per_image, sets = metric_table(run_dir)
+            per_image, sets = metric_table(run)
             chosen = set(done.backbones.items())  # this call's (metric, backbone) pairs only
             per_image = per_image[[k in chosen for k in zip(per_image["metric"],
                                                             per_image["backbone"])]]
@@ -248,11 +245,13 @@ def leaderboard_command(
 ) -> None:
     """The leaderboard of a scored run: per task and method, mean and std of S_all."""
     from editeval.judge import leaderboard, to_markdown
+    from editeval.run import Run
 
     with _clean_errors():
         if format not in ("md", "csv"):
             raise ValueError(f"--format must be md or csv, not {format!r}")
-        table, identity = leaderboard(run_dir, judge)
+        with Run.open(run_dir) as run:
+            table, identity = leaderboard(run, judge)
     text = to_markdown(table, identity) if format == "md" else table.to_csv(index=False)
     if output:
         output.write_text(text)

@@ -1,7 +1,9 @@
-"""The benchmark runner: every method on every sample and seed, resumable."""
+"""The benchmark runner: plan a run's jobs, execute them (locally; a distributed executor plugs in
+through :class:`~editeval.bench.execute.Executor`), record every outcome, resumably."""
 
-from editeval.bench.runner import BenchConfig, BenchSummary, Job, plan_jobs, run_bench
-from editeval.bench.store import ResultStore, RunConfigError
+from editeval.bench.execute import Executor, LocalExecutor, Outcome
+from editeval.bench.plan import Job, Plan, PlanError, plan_jobs, plan_run
+from editeval.bench.runner import BenchSummary, run_bench, summarize
 
-__all__ = ["BenchConfig", "BenchSummary", "Job", "ResultStore", "RunConfigError", "plan_jobs",
-           "run_bench"]
+__all__ = ["BenchSummary", "Executor", "Job", "LocalExecutor", "Outcome", "Plan", "PlanError",
+           "plan_jobs", "plan_run", "run_bench", "summarize"]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
+from editeval.core.lmm_score import overall
 from editeval.judge.backends import (
     LocalVLMBackend,
     OpenAICompatibleBackend,
@@ -14,26 +14,27 @@ from editeval.judge.backends import (
 )
 from editeval.judge.leaderboard import leaderboard, to_markdown
 from editeval.judge.parsing import ImageScores, ParseFailure, parse_scores
-from editeval.core.lmm_score import overall
 from editeval.judge.protocol import PROTOCOL_VERSION, Protocol
 from editeval.judge.runner import ScoreSummary, score_run
+from editeval.run import Run
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
-def make_backend(spec: str, run_dir: str | os.PathLike, *, base_url: str | None = None,
+def make_backend(spec: str, run: Run, *, base_url: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", budget: int | None = None,
                  temperature: float = 0.0, seed: int = 0, max_side: int = 512,
                  timeout: float = 120.0, structured: bool = False):
     """A backend from ``oracle``, ``openai:MODEL`` or ``local:MODEL_ID_OR_PATH``.
 
     OpenAI-compatible servers: ``base_url`` (else ``$OPENAI_BASE_URL``, else OpenAI's), key from
-    the environment variable ``api_key_env``. Responses are cached in ``RUN_DIR/judge_cache``.
+    the environment variable ``api_key_env``. Responses are cached in the run's judge cache
+    (``RUN_DIR/judge_cache``).
 
     Raises:
         ValueError: an unknown judge spec.
     """
-    cache = ResponseCache(Path(run_dir) / "judge_cache")
+    cache = ResponseCache(run.judge_cache_dir)
     limit = RequestBudget(budget)
     if spec == "oracle":
         return OracleBackend(budget=limit)

@@ -9,28 +9,25 @@ where a sample's S_all is the mean over its successfully parsed repeats; ``n`` s
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 
-from editeval.bench.store import ResultStore
 from editeval.core.samples import TASKS
+from editeval.run import Run
 
 COLUMNS = ["task", "rank", "method", "mean", "std", "n", "failures", "items", "failure_rate",
            "repeat_spread"]
 
 
-def leaderboard(run_dir: str | Path, judge: str | None = None) -> tuple[pd.DataFrame, dict]:
+def leaderboard(run: Run, judge: str | None = None) -> tuple[pd.DataFrame, dict]:
     """The leaderboard table and the identity of the judge it is from.
 
     Raises:
         ValueError: the run holds no judgements, or several judges/protocols and ``judge`` does not
             pick one (the message lists them).
     """
-    with ResultStore(run_dir) as store:
-        frame = pd.DataFrame(store.judgements())
+    frame = pd.DataFrame(run.store.judgements())
     if frame.empty:
-        raise ValueError(f"{run_dir} holds no judge scores yet; run `editeval score {run_dir} "
+        raise ValueError(f"{run.path} holds no judge scores yet; run `editeval score {run.path} "
                          "--judge ...` first")
     keys = frame[["judge", "protocol_version", "mode"]].drop_duplicates()
     if judge is not None:

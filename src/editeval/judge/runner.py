@@ -16,17 +16,15 @@ import json
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from editeval.bench.store import ResultStore
-from editeval.data.datasets import load_dataset
-from editeval.judge.backends import BudgetExhausted, JudgeAnswer, JudgeRequest
 from editeval.core.lmm_score import overall
+from editeval.judge.backends import BudgetExhausted, JudgeAnswer, JudgeRequest
 from editeval.judge.protocol import MODES, Protocol
+from editeval.run import ResultStore, Run
 
 
 @dataclass
@@ -56,73 +54,63 @@ def _shuffled(group: list[Any], repeat: int, seed: int) -> list[Any]:
     return order
 
 
-def _samples(run_dir: Path) -> dict[str, Any]:
-    config = json.loads((run_dir / "config.json").read_text())
-    dataset = load_dataset(config["dataset"], config.get("data_dir"), config.get("prompts_file"))
-    return {sample.id: sample for sample in dataset.samples}
-
-
-def score_run(run_dir: str | Path, backend: Any, protocol: Protocol = Protocol(), *,
+def score_run(run: Run, backend: Any, protocol: Protocol = Protocol(), *,
               concurrency: int = 4, repeats: int = 1, seed: int = 0,
               console: Console | None = None) -> ScoreSummary:
-    """Judge every finished edit of ``run_dir`` ``repeats`` times (see the module docstring).
+    """Judge every finished edit of ``run`` ``repeats`` times (see the module docstring).
 
     Raises:
-        FileNotFoundError: ``run_dir`` is not a run directory. ValueError: unknown mode.
+        ValueError: unknown mode. DatasetError: the run's dataset cannot be loaded.
     """
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json); run "
-                                "`editeval bench ... --out RUN_DIR` first")
     if protocol.mode not in MODES:
         raise ValueError(f"unknown mode {protocol.mode!r}; expected one of {', '.join(MODES)}")
-    return asyncio.run(_score(run_dir, backend, protocol, concurrency, repeats, seed,
+    return asyncio.run(_score(run, backend, protocol, concurrency, repeats, seed,
                               console or Console(stderr=True, soft_wrap=True)))
 
 
-async def _score(run_dir: Path, backend: Any, protocol: Protocol, concurrency: int, repeats: int,
+async def _score(run: Run, backend: Any, protocol: Protocol, concurrency: int, repeats: int,
                  seed: int, console: Console) -> ScoreSummary:
     summary = ScoreSummary()
-    samples = _samples(run_dir)
-    with ResultStore(run_dir) as store:
-        rows = [r for r in store.rows() if r.status == "done"]
-        done = store.judged(backend.name, protocol.version, protocol.mode)
-        todo = []
-        for group in _groups(rows, protocol.mode):
-            for repeat in range(repeats):
-                if all((r.job_id, repeat) in done for r in group):
-                    summary.skipped_items += len(group)
-                else:
-                    todo.append((_shuffled(group, repeat, seed), repeat))
-        gate = asyncio.Semaphore(concurrency)
-        budget_before = backend.budget.used
+    samples = run.samples
+    store = run.store
+    rows = run.rows("done")
+    done = store.judged(backend.name, protocol.version, protocol.mode)
+    todo = []
+    for group in _groups(rows, protocol.mode):
+        for repeat in range(repeats):
+            if all((r.job_id, repeat) in done for r in group):
+                summary.skipped_items += len(group)
+            else:
+                todo.append((_shuffled(group, repeat, seed), repeat))
+    gate = asyncio.Semaphore(concurrency)
+    budget_before = backend.budget.used
 
-        async def one(group: list[Any], repeat: int) -> tuple[list[Any], int, JudgeAnswer | None]:
-            async with gate:
-                if summary.budget_exhausted:
-                    return group, repeat, None
-                request = JudgeRequest(samples[group[0].sample_id],
-                                       [run_dir / r.image_path for r in group], repeat)
-                try:
-                    return group, repeat, await backend.judge(request, protocol)
-                except BudgetExhausted:
-                    summary.budget_exhausted = True
-                    return group, repeat, None
+    async def one(group: list[Any], repeat: int) -> tuple[list[Any], int, JudgeAnswer | None]:
+        async with gate:
+            if summary.budget_exhausted:
+                return group, repeat, None
+            request = JudgeRequest(samples[group[0].sample_id],
+                                   [run.image_path(r) for r in group], repeat)
+            try:
+                return group, repeat, await backend.judge(request, protocol)
+            except BudgetExhausted:
+                summary.budget_exhausted = True
+                return group, repeat, None
 
-        unit = "edits" if protocol.mode == "per-image" else "samples"  # one request each
-        progress = Progress(TextColumn(f"[bold]judging {unit}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), console=console)
-        try:
-            with progress:
-                task = progress.add_task("judging", total=len(todo))
-                for finished in asyncio.as_completed([one(g, r) for g, r in todo]):
-                    group, repeat, answer = await finished
-                    progress.advance(task)
-                    if answer is not None:
-                        _record(store, backend.name, protocol, group, repeat, answer, summary)
-        finally:
-            await backend.close()
-        summary.requests = backend.budget.used - budget_before
+    unit = "edits" if protocol.mode == "per-image" else "samples"  # one request each
+    progress = Progress(TextColumn(f"[bold]judging {unit}"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), console=console)
+    try:
+        with progress:
+            task = progress.add_task("judging", total=len(todo))
+            for finished in asyncio.as_completed([one(g, r) for g, r in todo]):
+                group, repeat, answer = await finished
+                progress.advance(task)
+                if answer is not None:
+                    _record(store, backend.name, protocol, group, repeat, answer, summary)
+    finally:
+        await backend.close()
+    summary.requests = backend.budget.used - budget_before
     return summary
 
 

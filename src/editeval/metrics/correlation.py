@@ -23,24 +23,22 @@ metrics' group means, with each group's success rate and mean unedited PSNR.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from PIL import Image
 from scipy import stats
 
-from editeval.bench.store import ResultStore
-from editeval.metrics.scoring import ALL_TASKS, HIGHER_IS_BETTER, METRICS, run_samples
+from editeval.metrics.scoring import ALL_TASKS, HIGHER_IS_BETTER, METRICS
+from editeval.run import Run
 
 TRUTHS = ("success", "edited_correct", "unedited_psnr", "oracle_s_all")
 
 
-def _setting(run_dir: Path, method: str) -> str:
-    return f"{run_dir.name}:{method}"
+def _setting(run: Run, method: str) -> str:
+    return f"{run.path.name}:{method}"
 
 
-def edit_table(run_dirs: list[str | Path]) -> pd.DataFrame:
+def edit_table(runs: list[Run]) -> pd.DataFrame:
     """One row per finished edit of the runs: setting (``RUN_NAME:method``), job id, task, the
     ground truth (:data:`TRUTHS`) and one column per ``metric@backbone`` stored in the runs.
 
@@ -50,20 +48,19 @@ def edit_table(run_dirs: list[str | Path]) -> pd.DataFrame:
     from editeval.toyworld.dataset import judge_sample
 
     frames = []
-    for run_dir in map(Path, run_dirs):
-        _, samples = run_samples(run_dir)
-        with ResultStore(run_dir) as store:
-            rows = [r for r in store.rows() if r.status == "done"]
-            metrics = pd.DataFrame(store.metric_values())
-            judged = pd.DataFrame(store.judgements())
+    for run in runs:
+        samples = run.samples
+        rows = run.rows("done")
+        metrics = pd.DataFrame(run.store.metric_values())
+        judged = pd.DataFrame(run.store.judgements())
         records = []
         for row in rows:
             sample = samples[row.sample_id]
             if "target_scene" not in sample.extra:
-                raise ValueError(f"{run_dir} is not a toy-world run: {sample.id} has no ground "
+                raise ValueError(f"{run.path} is not a toy-world run: {sample.id} has no ground "
                                  "truth; correlations need editeval-toy runs")
-            truth = judge_sample(sample, Image.open(run_dir / row.image_path))
-            records.append({"setting": _setting(run_dir, row.method), "job_id": row.job_id,
+            truth = judge_sample(sample, Image.open(run.image_path(row)))
+            records.append({"setting": _setting(run, row.method), "job_id": row.job_id,
                             "task": row.task, "success": float(truth.score.success),
                             "edited_correct": truth.score.edited_correct,
                             "unedited_psnr": truth.unedited_psnr_vs_target})
@@ -130,19 +127,18 @@ def correlation_table(edits: pd.DataFrame, truths: tuple[str, ...] = TRUTHS) -> 
     return pd.DataFrame(rows)
 
 
-def group_table(run_dirs: list[str | Path], edits: pd.DataFrame) -> pd.DataFrame:
+def group_table(runs: list[Run], edits: pd.DataFrame) -> pd.DataFrame:
     """Per (setting, task) group: FID/KID and per-image metric means against the group's success
     rate and mean unedited PSNR; Pearson and Spearman over groups (``n`` groups)."""
     groups = edits.groupby(["setting", "task"])
     means = groups[["success", "unedited_psnr"] + _metric_columns(edits)].mean()
-    for run_dir in map(Path, run_dirs):
-        with ResultStore(run_dir) as store:
-            for row in store.set_metric_values():
-                if row["task"] == ALL_TASKS:
-                    continue
-                key = (_setting(run_dir, row["method"]), row["task"])
-                column = f"{row['metric']}@{row['backbone']}"
-                means.loc[key, column] = np.nan if row["value"] is None else row["value"]
+    for run in runs:
+        for row in run.store.set_metric_values():
+            if row["task"] == ALL_TASKS:
+                continue
+            key = (_setting(run, row["method"]), row["task"])
+            column = f"{row['metric']}@{row['backbone']}"
+            means.loc[key, column] = np.nan if row["value"] is None else row["value"]
     means = means.reset_index()
     rows = []
     for column in _metric_columns(means):

@@ -1,6 +1,6 @@
 """Scoring a run directory with the classic metrics: resumable, one stored value per image.
 
-``score_metrics(run_dir, ["clip_t", "psnr", ...])`` computes, for every finished edit of the run,
+``score_metrics(run, ["clip_t", "psnr", ...])`` computes, for every finished edit of the run,
 each requested per-image metric that the run's ``results.sqlite`` does not hold yet for the chosen
 backbone (table ``metric_scores``: job, metric, backbone, region, value, note), and each set metric
 (FID, KID) per method and task, and per method over all tasks (table ``metric_set_scores``; redone
@@ -33,21 +33,18 @@ stored as NaN with a note, counted in the table's ``nan`` column and never avera
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from editeval.bench.store import ResultStore
-from editeval.data.datasets import load_dataset
 from editeval.core.samples import TASKS
 from editeval.metrics import regions
 from editeval.metrics.backbones import default_backbones, resolve_vision_checkpoint
+from editeval.run import ResultStore, Run
 
 PER_IMAGE_METRICS = ("clip_t", "clip_t_edited", "clip_i", "clip_dir", "lpips", "psnr", "ssim",
                      "mse", "dino_struct")
@@ -124,25 +121,11 @@ class _Backbones:
         return self._loaded[kind]
 
 
-def run_samples(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A run directory's ``config.json`` and its dataset's samples by id.
-
-    Raises:
-        FileNotFoundError: ``run_dir`` is not a run directory.
-    """
-    if not (run_dir / "config.json").exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json); run "
-                                "`editeval bench ... --out RUN_DIR` first")
-    config = json.loads((run_dir / "config.json").read_text())
-    dataset = load_dataset(config["dataset"], config.get("data_dir"), config.get("prompts_file"))
-    return config, {sample.id: sample for sample in dataset.samples}
-
-
-def _load_pair(run_dir: Path, row: Any, sample: Any) -> tuple[np.ndarray, np.ndarray,
+def _load_pair(run: Run, row: Any, sample: Any) -> tuple[np.ndarray, np.ndarray,
                                                               np.ndarray | None]:
     """Source, edit (resized to the source's size with Lanczos if it differs) and mask."""
     source = regions.read_rgb(sample.image_path)
-    edit_image = Image.open(run_dir / row.image_path).convert("RGB")
+    edit_image = Image.open(run.image_path(row)).convert("RGB")
     size = (source.shape[1], source.shape[0])
     if edit_image.size != size:
         edit_image = edit_image.resize(size, Image.Resampling.LANCZOS)
@@ -211,67 +194,66 @@ def _digest(job_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(job_ids)).encode()).hexdigest()
 
 
-def score_metrics(run_dir: str | Path, metrics: list[str] | tuple[str, ...] = DEFAULT_METRICS, *,
+def score_metrics(run: Run, metrics: list[str] | tuple[str, ...] = DEFAULT_METRICS, *,
                   clip_model: str | None = None, dino_model: str | None = None,
                   lpips_net: str | None = None, fid_model: str | None = None,
                   batch_size: int = 16, progress: Any = None) -> MetricSummary:
-    """Add the ``metrics`` of every finished edit of ``run_dir`` to its store (see the module
+    """Add the ``metrics`` of every finished edit of ``run`` to its store (see the module
     docstring). Backbone names default to :func:`editeval.metrics.backbones.default_backbones` of the
     run's model. ``progress``: optional callable ``(done, total)`` called after each batch.
 
     Raises:
-        FileNotFoundError: not a run directory. ValueError: an unknown metric.
+        ValueError: an unknown metric, or edits of samples the run's dataset no longer has.
         BackboneUnavailableError: a needed backbone cannot be loaded (nothing is lost: values
             computed before are stored).
     """
-    run_dir = Path(run_dir)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {', '.join(unknown)}; known: {', '.join(METRICS)}")
-    config, samples = run_samples(run_dir)
-    names = default_backbones(config.get("model"))
+    samples = run.samples
+    names = default_backbones(run.model)
     for kind, given in (("clip", clip_model), ("dino", dino_model), ("lpips", lpips_net),
                         ("fid", fid_model)):
         names[kind] = given or names[kind]
     ids = backbone_ids(names)
     backbones = _Backbones(names)
     summary = MetricSummary(backbones={m: ids[BACKBONE_KIND[m]] for m in metrics})
-    with ResultStore(run_dir) as store:
-        rows = [r for r in store.rows() if r.status == "done"]
-        missing = sorted({r.sample_id for r in rows} - set(samples))
-        if missing:
-            raise ValueError(f"{run_dir}'s dataset has no sample {missing[0]} (and "
-                             f"{len(missing) - 1} more); was the dataset changed since the run?")
-        per_image = [m for m in metrics if m in PER_IMAGE_METRICS]
-        todo: dict[str, list[str]] = defaultdict(list)  # job id -> metrics to compute
-        for metric in per_image:
-            done = store.metric_computed(metric, ids[BACKBONE_KIND[metric]])
-            for row in rows:
-                if row.job_id in done:
-                    summary.skipped[metric] += 1
-                else:
-                    todo[row.job_id].append(metric)
-        pending = [r for r in rows if r.job_id in todo]
-        for start in range(0, len(pending), batch_size):
-            values = []
-            for row in pending[start:start + batch_size]:
-                sample = samples[row.sample_id]
-                source, edit, mask = _load_pair(run_dir, row, sample)
-                wanted = todo[row.job_id]
-                for metric, (region, value, note) in _image_values(
-                        wanted, backbones, source, edit, mask, sample).items():
-                    values.append((row.job_id, metric, ids[BACKBONE_KIND[metric]], region, value,
-                                   note))
-                    summary.computed[metric] += 1
-            store.record_metric_values(values)
-            if progress is not None:
-                progress(min(start + batch_size, len(pending)), len(pending))
-        for metric in (m for m in metrics if m in SET_METRICS):
-            _score_sets(run_dir, store, rows, samples, metric, ids["fid"], backbones, summary)
+    store = run.store
+    rows = run.rows("done")
+    missing = sorted({r.sample_id for r in rows} - set(samples))
+    if missing:
+        raise ValueError(f"{run.path}'s dataset has no sample {missing[0]} (and "
+                         f"{len(missing) - 1} more); was the dataset changed since the run?")
+    per_image = [m for m in metrics if m in PER_IMAGE_METRICS]
+    todo: dict[str, list[str]] = defaultdict(list)  # job id -> metrics to compute
+    for metric in per_image:
+        done = store.metric_computed(metric, ids[BACKBONE_KIND[metric]])
+        for row in rows:
+            if row.job_id in done:
+                summary.skipped[metric] += 1
+            else:
+                todo[row.job_id].append(metric)
+    pending = [r for r in rows if r.job_id in todo]
+    for start in range(0, len(pending), batch_size):
+        values = []
+        for row in pending[start:start + batch_size]:
+            sample = samples[row.sample_id]
+            source, edit, mask = _load_pair(run, row, sample)
+            wanted = todo[row.job_id]
+            for metric, (region, value, note) in _image_values(
+                    wanted, backbones, source, edit, mask, sample).items():
+                values.append((row.job_id, metric, ids[BACKBONE_KIND[metric]], region, value,
+                               note))
+                summary.computed[metric] += 1
+        store.record_metric_values(values)
+        if progress is not None:
+            progress(min(start + batch_size, len(pending)), len(pending))
+    for metric in (m for m in metrics if m in SET_METRICS):
+        _score_sets(run, store, rows, samples, metric, ids["fid"], backbones, summary)
     return summary
 
 
-def _score_sets(run_dir: Path, store: ResultStore, rows: list[Any], samples: dict[str, Any],
+def _score_sets(run: Run, store: ResultStore, rows: list[Any], samples: dict[str, Any],
                 metric: str, backbone: str, backbones: _Backbones, summary: MetricSummary) -> None:
     from editeval.metrics.distribution import fid, kid
 
@@ -286,7 +268,7 @@ def _score_sets(run_dir: Path, store: ResultStore, rows: list[Any], samples: dic
             continue
         value, std = float("nan"), None
         if len(members) >= 2:
-            pairs = [_load_pair(run_dir, r, samples[r.sample_id]) for r in members]
+            pairs = [_load_pair(run, r, samples[r.sample_id]) for r in members]
             sources, edits = [p[0] for p in pairs], [p[1] for p in pairs]
             extractor = backbones.get("fid")
             if metric == "fid":
@@ -302,7 +284,7 @@ def _task_order(task: str) -> int:
     return TASKS.index(task) if task in TASKS else len(TASKS)
 
 
-def metric_table(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def metric_table(run: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The method x task tables of a scored run.
 
     Returns:
@@ -311,9 +293,8 @@ def metric_table(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         (images with a value) and ``nan`` (images without one, dropped), plus ``task="all"`` rows
         per method. ``sets``: the stored FID/KID rows (``value``, ``std`` for KID, ``n``).
     """
-    with ResultStore(run_dir) as store:
-        frame = pd.DataFrame(store.metric_values())
-        sets = pd.DataFrame(store.set_metric_values())
+    frame = pd.DataFrame(run.store.metric_values())
+    sets = pd.DataFrame(run.store.set_metric_values())
     rows = []
     if not frame.empty:
         everything = pd.concat([frame, frame.assign(task=ALL_TASKS)])

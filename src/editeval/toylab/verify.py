@@ -36,31 +36,34 @@ def verify(methods: list[str], per_task: int, out: Path, model: str = "toy",
     """Run ``methods`` on ``editeval-toy`` (resumable, in ``out``) and judge every edit.
 
     Returns ``{method: {"success": {task: rate}, "mean_success": rate, "unedited_psnr": dB,
-    "nfe": mean, "seconds": mean, "n": edits, "failed": jobs}}``; rates in [0, 1].
+    "nfe": mean uncached NFE, "seconds": mean, "n": edits, "failed": jobs}}``; rates in [0, 1].
+    The NFE is each edit's own cost, as if no inversion were cached (so it does not depend on
+    which method of the run computed a shared inversion first).
     """
-    from editeval.bench import BenchConfig, ResultStore, run_bench
-    from editeval.data import load_dataset
+    from editeval.bench import run_bench
+    from editeval.run import Run, RunConfig
     from editeval.toyworld.dataset import judge_sample
 
-    run_bench(BenchConfig(dataset="editeval-toy", methods=methods, model=model, out=out,
-                          per_task=per_task, params=params or {}))
-    samples = {s.id: s for s in load_dataset("editeval-toy").select(per_task=per_task)}
+    run_bench(RunConfig(dataset="editeval-toy", methods=methods, model=model, out=out,
+                        per_task=per_task, params=params or {}))
     success: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     unedited: dict[str, list[float]] = defaultdict(list)
     cost: dict[str, list[tuple[int, float]]] = defaultdict(list)
     failed: dict[str, int] = defaultdict(int)
-    with ResultStore(out) as store:
-        for row in store.rows():
+    with Run.open(out) as run:
+        samples = {s.id: s for s in run.dataset.select(per_task=per_task)}
+        for row in run.rows():
             if row.method not in methods or row.sample_id not in samples:
                 continue
             if row.status != "done":
                 failed[row.method] += 1
                 continue
-            judged = judge_sample(samples[row.sample_id], Image.open(out / row.image_path))
+            judged = judge_sample(samples[row.sample_id], Image.open(run.image_path(row)))
             success[row.method][row.task].append(judged.score.success)
             if np.isfinite(judged.unedited_psnr_vs_target):
                 unedited[row.method].append(judged.unedited_psnr_vs_target)
-            cost[row.method].append((row.nfe, row.wall_seconds))
+            nfe = row.nfe if row.uncached_nfe is None else row.uncached_nfe
+            cost[row.method].append((nfe, row.wall_seconds))
     report = {}
     for method in methods:
         per = {task: float(np.mean(v)) for task, v in success[method].items()}

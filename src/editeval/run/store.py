@@ -1,18 +1,16 @@
 """The results store of a run directory: one SQLite row per finished job, images beside it.
 
-Layout of a run directory::
+:class:`editeval.run.Run` owns a run directory and opens its store; nothing else should. Tables:
 
-    RUN_DIR/config.json          what the run is (dataset, model, methods, parameters)
-    RUN_DIR/results.sqlite       one row per job: done (with NFE, time, image) or failed (with error)
-    RUN_DIR/images/METHOD/TASK/N_seedS.png
+- ``results``: one row per job: done (image path, NFE spent, uncached NFE, wall seconds, the
+  effective parameters, the method's intermediates as JSON) or failed (the error);
+- ``judge_scores`` (LMM Score judgements), ``metric_scores`` (one value of one classic metric by
+  one backbone per job, NULL for NaN) and ``metric_set_scores`` (FID and KID per method and task),
+  filled by ``editeval score``.
 
-``results.sqlite`` also holds ``judge_scores`` (LMM Score judgements), ``metric_scores`` (one value of
-one classic metric by one backbone per job, NULL for NaN) and ``metric_set_scores`` (FID and KID per
-method and task), filled by ``editeval score``.
-
-A row is written only after its image is in place (written to a temporary name, then renamed), in
-one transaction, so a run killed at any moment leaves either a complete job or no trace of it, and
-the job id is the primary key, so nothing is ever duplicated.
+A row is written only after its image (and its intermediates' files) are in place (written to a
+temporary name, then renamed), in one transaction, so a run killed at any moment leaves either a
+complete job or no trace of it, and the job id is the primary key, so nothing is ever duplicated.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from editeval.run.intermediates import atomic_write, store_intermediates
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -43,9 +42,13 @@ CREATE TABLE IF NOT EXISTS results (
     model        TEXT,
     params       TEXT,
     error        TEXT,
-    finished_at  TEXT NOT NULL
+    finished_at  TEXT NOT NULL,
+    uncached_nfe INTEGER,
+    intermediates TEXT
 )
 """
+# columns added after the first release, with their types: an older store gains them on open
+ADDED_COLUMNS = {"uncached_nfe": "INTEGER", "intermediates": "TEXT"}
 
 JUDGE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS judge_scores (
@@ -98,17 +101,15 @@ CREATE TABLE IF NOT EXISTS metric_set_scores (
 )
 """
 
-# What must match for a run directory to be resumed with another command line.
-IDENTITY_KEYS = ("dataset", "model", "params")
-
-
-class RunConfigError(ValueError):
-    """A run directory was created with a different dataset, model or method parameters."""
-
-
 @dataclass(frozen=True)
 class ResultRow:
-    """One job's outcome, as stored."""
+    """One job's outcome, as stored.
+
+    ``nfe`` is what the edit spent in this run (an inversion reused from the run's cache costs 0);
+    ``uncached_nfe`` what it costs on its own (``None`` in rows written before it was recorded).
+    ``intermediates`` is the method's intermediates as stored: JSON values as they are, a file's
+    value as a reference (see :mod:`editeval.run.intermediates`); ``Run.intermediates`` loads them.
+    """
 
     job_id: str
     method: str
@@ -123,10 +124,12 @@ class ResultRow:
     params: dict[str, Any] | None
     error: str | None
     finished_at: str
+    uncached_nfe: int | None
+    intermediates: dict[str, Any] | None
 
 
 class ResultStore:
-    """Results of one run directory (created if absent)."""
+    """Results of one run directory (created if absent); open it through :class:`editeval.run.Run`."""
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.run_dir = Path(run_dir)
@@ -138,6 +141,10 @@ class ResultStore:
         self._db.execute(JUDGE_SCHEMA)
         self._db.execute(METRIC_SCHEMA)
         self._db.execute(METRIC_SET_SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
+        for column, kind in ADDED_COLUMNS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE results ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self._db.close()
@@ -147,23 +154,6 @@ class ResultStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def check_config(self, config: Mapping[str, Any]) -> None:
-        """Write ``config.json`` on first use; later, refuse a config whose identity differs.
-
-        Raises:
-            RunConfigError: the directory holds a run of another dataset, model or parameters.
-        """
-        path = self.run_dir / "config.json"
-        if path.exists():
-            stored = json.loads(path.read_text())
-            for key in IDENTITY_KEYS:
-                if stored.get(key) != config.get(key):
-                    raise RunConfigError(
-                        f"{self.run_dir} holds a run with {key}={stored.get(key)!r}, not "
-                        f"{config.get(key)!r}; resume it with the same {key}, or pass a new --out"
-                    )
-        _atomic_write_text(path, json.dumps(dict(config), indent=2, sort_keys=True))
 
     def finished(self, retry_failed: bool = True) -> set[str]:
         """Ids of jobs that need no rerun: done ones whose image exists (and failed ones unless
@@ -181,35 +171,37 @@ class ResultStore:
         return Path("images") / method / f"{sample_id}_seed{seed}.png"
 
     def record_done(self, *, job_id: str, method: str, sample_id: str, task: str, seed: int,
-                    image: Image.Image, nfe: int, wall_seconds: float, model: str,
-                    params: Mapping[str, Any]) -> Path:
-        """Write the image atomically, then its row; returns the image's absolute path."""
+                    image: Image.Image, nfe: int, uncached_nfe: int, wall_seconds: float,
+                    model: str, params: Mapping[str, Any],
+                    intermediates: Mapping[str, Any] | None = None) -> Path:
+        """Write the image and the intermediates' files atomically, then the row; returns the
+        image's absolute path. ``intermediates`` are stored by
+        :func:`editeval.run.intermediates.store_intermediates` under ``intermediates/<job>/``."""
         relative = self.image_path(method, sample_id, seed)
         target = self.run_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".png")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                image.save(handle, format="PNG")
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(target, lambda handle: image.save(handle, format="PNG"))
+        stored = store_intermediates(intermediates or {}, self.run_dir,
+                                     Path("intermediates") / method / f"{sample_id}_seed{seed}")
         self._write(job_id, method, sample_id, task, seed, "done", str(relative), nfe,
-                    wall_seconds, model, json.dumps(dict(params), sort_keys=True), None)
+                    wall_seconds, model, json.dumps(dict(params), sort_keys=True), None,
+                    uncached_nfe, json.dumps(stored, sort_keys=True))
         return target
 
     def record_failed(self, *, job_id: str, method: str, sample_id: str, task: str, seed: int,
                       error: str) -> None:
         """Record a failed job with its error message."""
         self._write(job_id, method, sample_id, task, seed, "failed", None, None, None, None, None,
-                    error)
+                    error, None, None)
 
     def _write(self, *values: Any) -> None:
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        *head, uncached_nfe, intermediates = values
         self._db.execute(
-            "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (*values, now),
+            "INSERT OR REPLACE INTO results (job_id, method, sample_id, task, seed, status, "
+            "image_path, nfe, wall_seconds, model, params, error, finished_at, uncached_nfe, "
+            "intermediates) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (*head, now, uncached_nfe, intermediates),
         )
 
     def judged(self, judge: str, protocol_version: str, mode: str) -> set[tuple[str, int]]:
@@ -294,13 +286,10 @@ class ResultStore:
 
     def rows(self) -> Iterator[ResultRow]:
         """All stored rows, ordered by job id."""
-        for row in self._db.execute("SELECT * FROM results ORDER BY job_id"):
-            values = list(row)
-            values[10] = json.loads(values[10]) if values[10] else None
-            yield ResultRow(*values)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        cursor = self._db.execute("SELECT * FROM results ORDER BY job_id")
+        names = [d[0] for d in cursor.description]
+        for values in cursor:
+            row = dict(zip(names, values))
+            for key in ("params", "intermediates"):
+                row[key] = json.loads(row[key]) if row[key] else None
+            yield ResultRow(**row)
