@@ -20,7 +20,8 @@ _SAMPLE_FIELDS = {
 
 
 class PlanError(ValueError):
-    """A run cannot start: a method needs an input the dataset's samples do not have."""
+    """A run cannot start: a method needs an input the dataset's samples do not have, or there
+    is no job at all."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def plan_run(config: RunConfig, run: Run) -> Plan:
     Raises:
         KeyError: an unknown method. ValueError: a bad parameter, or parameters for a method not
             among ``config.methods``. DatasetError: the dataset cannot be loaded or filtered.
-        PlanError: a method needs an input the samples lack.
+        PlanError: a method needs an input the samples lack, or the selection leaves no job.
     """
     cards = {name: get_method(name).card for name in config.methods}
     for name in config.params:
@@ -93,6 +94,9 @@ def plan_run(config: RunConfig, run: Run) -> Plan:
     samples = run.dataset.select(config.tasks or None, config.limit, config.per_task)
     check_inputs(cards, samples, config.dataset)
     jobs = plan_jobs(samples, config.methods, config.seeds)
+    if not jobs:
+        raise PlanError(f"nothing to run: the selection of {config.dataset!r} (tasks, limit, "
+                        "per-task), methods and seeds leaves no job")
     finished = run.finished(config.retry_failed)
     pending = [job for job in jobs if job.job_id not in finished]
     return Plan(jobs, pending, cards, run.dataset.missing)
