@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from editeval.core.samples import TASKS
@@ -134,15 +135,22 @@ def _after_table(document: str) -> str:
 def _document(table: str, command: str, args: argparse.Namespace) -> str:
     return f"""# Methods, verified on the toy world
 
-Every method, run with its paper's defaults on the toy models (`--model {args.model}`) over the
-first {args.per_task} samples of each `editeval-toy` task, judged by the oracle against exact ground
-truth. Success: the oracle reads every edited attribute as the target says (%, per task and the mean
-of the 7 tasks). Unedited PSNR: the region outside the edit mask against the ground-truth target
-(style change, whose mask is the whole image, is left out). NFE: UNet evaluations per edit as
-spent in this run, a classifier-free-guidance batch of 2 counting 2; methods of one run share
-their inversions through the run's inversion cache, so a method whose inversion another method
-already computed spends less than its card's formula (`editeval methods`). Seconds: wall time per
-edit on this machine ({platform.processor() or platform.machine()}, CPU, one torch thread).
+Every registered method, run with its paper's defaults on the toy models (`--model {args.model}`)
+over the first {args.per_task} samples of each `editeval-toy` task, every edit judged by the oracle
+against exact ground truth (docs/toyworld.md).
+
+- **Success**: the oracle reads every edited attribute as the target says (%, per task, and the
+  mean of the 7 tasks).
+- **Unedited PSNR**: the region outside the edit mask against the ground-truth target, in dB
+  (style change, whose mask is the whole image, is left out).
+- **NFE/edit**: denoiser (UNet) evaluations per edit, a classifier-free-guidance batch of 2
+  counting 2, uncached: the method's own cost, as if no inversion had been reused from the run's
+  inversion cache, so it does not depend on which method of the run ran first (each card's
+  formula: `editeval methods`).
+- **s/edit**: wall time per edit as spent in the run (a method that reused an inversion from the
+  run's cache did not spend the time to compute it), on this machine:
+  {platform.processor() or platform.machine()}, CPU, {torch.get_num_threads()} torch thread(s).
+- **edits, failed**: edits judged, and jobs that raised an error.
 
 Produced by `{command}` on {datetime.date.today().isoformat()}.
 
