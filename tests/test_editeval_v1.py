@@ -297,6 +297,7 @@ def test_header_in_its_own_row_is_refused(tmp_path: Path) -> None:
         ([[None, None, None, None], [None, None, None, None]], [], 3),  # blank rows above it
         ([], [[None, "Source Prompt", "Target Prompt", "Instruction"]], 52),  # repeated below
     ],
+    ids=["title-row-above", "blank-rows-above", "repeated-below"],
 )
 def test_header_on_another_row_is_refused(tmp_path: Path, before: list, after: list, row: int) -> None:
     rows = release_rows()
@@ -322,6 +323,7 @@ def test_header_on_another_row_is_refused(tmp_path: Path, before: list, after: l
           "action_change": 4, "texture_change": 6},
          "row 42: action_change block where the release has texture_change (6 rows, 42-47)"),
     ],
+    ids=["short-block", "long-first-block", "long-last-block", "missing-block", "swapped-blocks"],
 )
 def test_block_of_wrong_size_or_order_is_refused(tmp_path: Path, sizes: dict[str, int], expected: str) -> None:
     assert expected in refusal(write_sheet(tmp_path / "p.xlsx", release_rows(sizes)))
@@ -348,17 +350,30 @@ def test_trailing_empty_rows_are_ignored(tmp_path: Path) -> None:
 # --- the benchmark on the real images and prompts ------------------------------------------------
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch CPU thread for the test (restored after): on a busy machine torch's threads slow
+    each other down by orders of magnitude (README), and this test runs 84 edits in-process."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 def test_bench_runs_all_42_images_with_their_own_prompts(
-    shared: Path, real_prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shared: Path, real_prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    one_torch_thread: None,
 ) -> None:
     from typer.testing import CliRunner
 
-    import editeval.bench.runner as runner
+    import editeval.bench.execute as execute
     from editeval.cli import app
 
     requests: list[tuple[str, str, tuple[str, str, str]]] = []  # (method, sample id, prompts)
-    original_edit = runner.edit
+    original_edit = execute.edit
 
     def recording_edit(request, method, *args, **kwargs):
         image = Path(request.image)
@@ -367,7 +382,7 @@ def test_bench_runs_all_42_images_with_their_own_prompts(
                          (request.source_prompt, request.target_prompt, request.instruction)))
         return original_edit(request, method, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "edit", recording_edit)
+    monkeypatch.setattr(execute, "edit", recording_edit)  # the bench's executor edits through it
     out = tmp_path / "run"
     started = time.perf_counter()
     result = CliRunner().invoke(app, [
