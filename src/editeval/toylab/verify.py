@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="all",
                         help="comma-separated registry names, or 'all' (default)")
-    parser.add_argument("--per-task", type=int, default=5, help="samples per task (max 30)")
+    parser.add_argument("--per-task", type=int, default=10,
+                        help="samples per task (max 30; at least 10 for a table to publish)")
     parser.add_argument("--model", default="toy")
     parser.add_argument("--out", type=Path, default=Path("runs/toy-verify"),
                         help="run directory (resumable)")
