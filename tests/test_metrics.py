@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -77,17 +78,27 @@ def test_saturated_uint8_never_overflows():
     torch.testing.assert_close(embedded, by_hand, rtol=1e-5, atol=1e-5)
 
 
+def _torchvision_file(net: str) -> str:
+    """The file name under which the installed torchvision caches ``net``'s ImageNet weights (the
+    name of its download URL: it changes when torchvision publishes new weights)."""
+    from urllib.parse import urlparse
+
+    import torchvision
+
+    weights = {"alex": torchvision.models.AlexNet_Weights,
+               "squeeze": torchvision.models.SqueezeNet1_1_Weights}[net].IMAGENET1K_V1
+    return urlparse(weights.url).path.rsplit("/", 1)[-1]
+
+
 def _save_random_torchvision_weights(directory, net: str) -> None:
     """A random torchvision backbone saved where torchvision looks for its ImageNet weights."""
     import torchvision
-
-    from editeval.metrics.perceptual import _TORCHVISION_WEIGHTS
 
     torch.manual_seed(7)
     builder = {"alex": torchvision.models.alexnet, "squeeze": torchvision.models.squeezenet1_1}
     checkpoints = directory / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    torch.save(builder[net](weights=None).state_dict(), checkpoints / _TORCHVISION_WEIGHTS[net])
+    torch.save(builder[net](weights=None).state_dict(), checkpoints / _torchvision_file(net))
 
 
 @pytest.mark.parametrize("net", ["alex", "squeeze"])
@@ -132,7 +143,9 @@ def test_lpips_without_weights_says_what_to_do(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.models.AlexNet_Weights.IMAGENET1K_V1, "get_state_dict",
                         no_download)
-    with pytest.raises(BackboneUnavailableError, match="alexnet-owt-7be5be79.pth.*alex-random"):
+    # the file the message names is the one torchvision looks for (alexnet-owt-7be5be79.pth)
+    with pytest.raises(BackboneUnavailableError,
+                       match=re.escape(_torchvision_file("alex")) + ".*alex-random"):
         load_lpips("alex")
     with pytest.raises(ValueError, match="unknown LPIPS network 'resnet'"):
         load_lpips("resnet")

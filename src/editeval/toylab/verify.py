@@ -1,14 +1,14 @@
 """Does every method really edit? Each registered method on ``editeval-toy``, judged by the oracle.
 
-    python -m editeval.toylab.verify --per-task 5 --write docs/methods.md
+    python -m editeval.toylab.verify --per-task 10 --write docs/methods.md
 
 runs every method (or ``--methods a,b``) on the first ``--per-task`` samples of each of the 7 tasks
 with the toy models and the method's defaults, through the resumable benchmark runner (the run
 directory, default ``runs/toy-verify``, keeps edits and inversions: the same command again only adds
 what is missing), then judges every edit against the ground truth and prints a Markdown table:
 per method, the oracle's edit success per task and on average, the PSNR of the unedited region
-against the ground-truth target (style change edits the whole image and is left out of it), the NFE
-per edit and the seconds per edit on this machine.
+against the ground-truth target (style change edits the whole image and is left out of it), the
+uncached NFE per edit and the seconds per edit on this machine.
 """
 
 from __future__ import annotations
