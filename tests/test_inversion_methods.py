@@ -184,7 +184,7 @@ def test_cards_place_the_papers_in_the_survey(method):
 @pytest.mark.parametrize("method", ["edict", "aidi", "ddpm-inversion"])
 def test_instruction_models_are_refused_with_the_fix(tiny_ip2p, image, method):
     request = EditRequest(image, source_prompt=SOURCE, target_prompt=TARGET)
-    with pytest.raises(ValueError, match="needs a text-to-image model \\(4-channel UNet\\), got "
+    with pytest.raises(ValueError, match="needs a text-to-image model \\(4-channel denoiser\\), got "
                                          "a 8-channel one: use a suite name"):
         edit(request, method, pipe=tiny_ip2p)
 
