@@ -4,10 +4,22 @@ own file), and the tiny offline pipelines."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-from openpyxl import Workbook
+# One torch CPU thread unless the caller chose otherwise (subprocesses inherit it): torch's threads
+# wait on each other, and with one of 2 cores busy with other work two toy-model tests took 30 s on
+# 1 thread but had not finished after 19 min on 2 (the whole suite: 4 min against 76). torch reads
+# the variable when first imported; set_num_threads covers a torch that a plugin imported earlier.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from openpyxl import Workbook  # noqa: E402
 
 from editeval.data.editeval_v1 import EXPECTED_BLOCKS, PROMPTS_FILE, TASK_FOLDERS
 

@@ -236,11 +236,11 @@ def test_metric_names_are_checked():
 # --- the toy CLIP ----------------------------------------------------------------------------------
 
 def test_toy_clip_ranks_the_target_caption_first():
-    """On the ground-truth target image of every editeval-toy sample, the toy CLIP's CLIPScore
-    must prefer the target prompt to a wrong caption: another sample's target prompt (measured: 210
-    of 210), and, harder, the source prompt, which differs only in the edited attributes (measured:
-    188 of 210)."""
-    samples = load_dataset("editeval-toy").samples
+    """On the ground-truth target image of every other editeval-toy sample (15 of each task), the
+    toy CLIP's CLIPScore must prefer the target prompt to a wrong caption: another sample's target
+    prompt (measured: 105 of 105; 210 of 210 on all samples), and, harder, the source prompt,
+    which differs only in the edited attributes (measured: 101 of 105; 199 of 210)."""
+    samples = load_dataset("editeval-toy").samples[::2]
     clip = load_clip("toy")
     images = [read_rgb(s.target_image_path) for s in samples]
     right = clip_score(clip, images, [s.target_prompt for s in samples])

@@ -21,8 +21,9 @@ from editeval.toyworld.models import WEIGHTS
 from editeval.toyworld.scenes import sample_scene
 
 # Levels measured on these samples with the shipped weights (docs/toyworld.md), minus a margin:
-# VAE 32.7 dB, inversion 34.9 dB, background 100% (16/16), colour 100%, shape 85% (28/33; 90.5%
-# on the 200 scenes of docs/toyworld.md: these 33 objects are too few to rank models),
+# VAE 32.7 dB, inversion 34.6 dB (20 steps; 34.9 at 50), background 100% (16/16), colour 100%,
+# shape 85% (28/33; 90.5% on the 200 scenes of docs/toyworld.md: these 33 objects are too few to
+# rank models),
 # InstructPix2Pix (20 steps) success 10/14 (74% on all 210 pairs at 50 steps), unedited-region
 # PSNR 31.0 dB.
 VAE_PSNR, INVERSION_PSNR = 30.5, 32.5
@@ -68,7 +69,7 @@ def test_vae_reconstruction(toy, scenes):
 
 
 def test_ddim_inversion_reconstruction(toy, scenes):
-    assert inversion_psnr(toy[0], scenes[:6]) >= INVERSION_PSNR
+    assert inversion_psnr(toy[0], scenes[:6], steps=20) >= INVERSION_PSNR
 
 
 def test_text_to_image(toy, scenes):

@@ -31,8 +31,18 @@ from editeval.metrics.regions import to_unit
 
 LPIPS_NETS = ("alex", "vgg", "squeeze")
 STAND_IN_SEED = 0
-_TORCHVISION_WEIGHTS = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",
-                        "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+
+
+def _weights_file(net: str) -> str:
+    """The file torchvision caches ``net``'s ImageNet weights under (its download URL's name, as the
+    installed torchvision has it, e.g. ``alexnet-owt-7be5be79.pth``)."""
+    from urllib.parse import urlparse
+
+    import torchvision
+
+    weights = {"alex": torchvision.models.AlexNet_Weights, "vgg": torchvision.models.VGG16_Weights,
+               "squeeze": torchvision.models.SqueezeNet1_1_Weights}[net].IMAGENET1K_V1
+    return urlparse(weights.url).path.rsplit("/", 1)[-1]
 
 
 class Lpips:
@@ -83,7 +93,7 @@ def load_lpips(net: str) -> Lpips:
     except (OSError, URLError, RuntimeError) as err:
         raise BackboneUnavailableError(
             f"LPIPS {net} needs torchvision's ImageNet {net} weights "
-            f"({_TORCHVISION_WEIGHTS[net]} in $TORCH_HOME/hub/checkpoints), which could not be "
+            f"({_weights_file(net)} in $TORCH_HOME/hub/checkpoints), which could not be "
             f"loaded ({err}); copy the file there, or pass --lpips-net alex-random (a clearly "
             "named random-backbone stand-in)") from None
 
