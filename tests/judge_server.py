@@ -1,8 +1,14 @@
 """A scripted OpenAI-compatible Chat Completions server on 127.0.0.1 for the judge tests.
 
-``reply(body, call) -> (status, headers, json_body, delay_seconds)`` decides each answer; the
-server records every request body and its headers. It only listens on the loopback address and
-stops when the test ends.
+``reply(body, call) -> (status, headers, payload, delay_seconds)`` decides each answer: ``payload``
+is a dict (sent as JSON) or bytes (sent as they are, e.g. an empty or an HTML body); the server
+waits ``delay_seconds`` before answering, but never past its own shutdown, so a stalled reply
+ends with the test. The server records every request's body, path (with the query) and headers.
+It only listens on the loopback address and stops when the test ends.
+
+The bad replies a judge client must survive are ready-made: :data:`NO_CHOICES`,
+:data:`EMPTY_BODY`, :data:`NOT_JSON`, :func:`rate_limited` and :func:`stalled`; :func:`closed_port_url`
+gives an API root on which nothing listens (connection refused).
 """
 
 from __future__ import annotations
@@ -11,14 +17,38 @@ import base64
 import io
 import json
 import re
+import socket
 import threading
-import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
 
-Reply = tuple[int, dict, dict, float]
+Reply = tuple[int, dict, "dict | bytes", float]
+
+# HTTP 200 replies that are not chat completions
+NO_CHOICES: Reply = (200, {}, {"object": "error", "error": {"message": "model is loading"}}, 0.0)
+EMPTY_BODY: Reply = (200, {}, b"", 0.0)
+NOT_JSON: Reply = (200, {"Content-Type": "text/html"}, b"<html><body>502 Bad Gateway</body></html>",
+                   0.0)
+
+
+def rate_limited(retry_after: str) -> Reply:
+    """HTTP 429 with ``Retry-After: retry_after``."""
+    return 429, {"Retry-After": retry_after}, {"error": {"message": "Rate limit reached"}}, 0.0
+
+
+def stalled(seconds: float) -> Reply:
+    """A valid-looking reply sent only after ``seconds`` (longer than the client's timeout)."""
+    return 200, {}, chat(scores_json([(5, 5, 5, 5)])), seconds
+
+
+def closed_port_url() -> str:
+    """``http://127.0.0.1:PORT/v1`` where PORT was free a moment ago: connections are refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
 
 
 def chat(content: str) -> dict:
@@ -51,8 +81,10 @@ class JudgeServer:
     def __init__(self, reply: Callable[[dict, int], Reply]) -> None:
         self.reply = reply
         self.bodies: list[dict] = []
+        self.paths: list[str] = []
         self.headers: list[dict] = []
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -61,15 +93,16 @@ class JudgeServer:
                 with server._lock:
                     call = len(server.bodies)
                     server.bodies.append(body)
+                    server.paths.append(self.path)
                     server.headers.append(dict(self.headers))
                 status, headers, payload, delay = server.reply(body, call)
-                time.sleep(delay)
-                data = json.dumps(payload).encode()
+                server._stopped.wait(delay)
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 try:
                     self.send_response(status)
+                    headers = {"Content-Type": "application/json", **headers}
                     for key, value in headers.items():
                         self.send_header(key, value)
-                    self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
@@ -89,5 +122,6 @@ class JudgeServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._stopped.set()  # stalled replies end now
         self._server.shutdown()
         self._server.server_close()

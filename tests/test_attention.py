@@ -101,3 +101,26 @@ def test_edit_probs_changes_the_output(tiny_sd):
     with control_attention(unet, Uniform()):
         uniform = unet(latents, 500, encoder_hidden_states=text).sample
     assert (stock - uniform).abs().max() > 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("upcast", [False, True])
+@pytest.mark.parametrize("cross", [False, True])
+def test_explicit_path_honours_upcast_attention_in_float16(upcast, cross):
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    from editeval.diffusion.attention import ControlledAttnProcessor, _Clock
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8, cross_attention_dim=16 if cross else None,
+                     upcast_attention=upcast, upcast_softmax=upcast).half()
+    hidden = (torch.randn(2, 4, 16) * 1000).half()  # scaled scores ~3e5: beyond float16's 65504
+    context = hidden.flip(1) if cross else None
+    clock = _Clock()
+    clock.latent_size = (2, 2)
+    name = "mid_block.attentions.0.transformer_blocks.0.attn2.processor" if cross else \
+        "mid_block.attentions.0.transformer_blocks.0.attn1.processor"
+    controlled = ControlledAttnProcessor(name, EveryLayer(), clock)(attn, hidden, context)
+    stock = AttnProcessor()(attn, hidden, context)  # diffusers' explicit-softmax processor
+    assert stock.isfinite().all() == upcast  # float16 scores overflow unless upcast
+    torch.testing.assert_close(controlled, stock, equal_nan=True, rtol=1e-3, atol=1e-3)

@@ -1,13 +1,19 @@
-"""The core API on the tiny pipelines: NFE accounting, determinism, parameters, inputs."""
+"""The core API on the tiny pipelines: NFE accounting, determinism, parameters, and the one input
+policy of every method (masks, prompts, every input checked before a model loads)."""
 
 from __future__ import annotations
 
 import numpy as np
+import warnings
+
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from editeval.cli import app
 from editeval.core import EditRequest, get_method, list_methods
-from editeval.editing import EditInputError, edit
+from editeval.data import ImageLoadError, MaskError
+from editeval.editing import EditInputError, EditInputWarning, edit
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +104,201 @@ def test_cards_cite_papers_and_defaults():
     assert cards["instructpix2pix"].paper.arxiv_id == "2211.09800"
     assert cards["instructpix2pix"].defaults == {
         "num_inference_steps": 100, "guidance_scale": 7.5, "image_guidance_scale": 1.5}
+
+
+# --- one input policy for every method (masks, prompts, checks before any model loads) ---------
+
+FAST = {"num_inference_steps": 2}
+LONG = " ".join(["a"] * 117)  # 117 word tokens + start and end: 119 CLIP tokens
+
+
+def _mask(tmp_path, name: str, size: tuple[int, int], fill: int = 0,
+          box: tuple[int, int, int, int] | None = None):
+    """A mask file: ``fill`` everywhere, white inside ``box``."""
+    mask = Image.new("L", size, fill)
+    if box:
+        mask.paste(255, box)
+    mask.save(tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Make loading any model a test failure; returns the list of attempted loads."""
+    import editeval.models
+
+    calls = []
+
+    def load_pipeline(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError(f"a model was loaded before the inputs were checked: {args}")
+
+    monkeypatch.setattr(editeval.models, "load_pipeline", load_pipeline)
+    return calls
+
+
+def test_a_method_warns_about_the_inputs_it_ignores_and_notes_them(tiny_sd, photo, tmp_path):
+    mask = _mask(tmp_path, "m.png", (120, 90), box=(60, 0, 120, 90))
+    request = EditRequest(photo, target_prompt="a dog", instruction="make it a dog", mask=mask,
+                          params=FAST)
+    with pytest.warns(EditInputWarning) as caught:
+        result = edit(request, "sdedit", pipe=tiny_sd)
+    note = ("sdedit does not use the instruction (--instruction TEXT) or the mask (--mask FILE); "
+            "ignored")
+    assert [str(w.message) for w in caught if w.category is EditInputWarning] == [note]
+    assert result.warnings == [note] and result.intermediates["warnings"] == [note]
+    # inputs the method uses give no note
+    plain = edit(EditRequest(photo, target_prompt="a dog", params=FAST), "sdedit", pipe=tiny_sd)
+    assert plain.warnings == [] and "warnings" not in plain.intermediates
+
+
+@pytest.mark.parametrize("fill, what", [(0, "all black"), (255, "all white")])
+def test_an_unusable_mask_is_refused_naming_the_file(tiny_sd, photo, tmp_path, fill, what):
+    mask = _mask(tmp_path, "flat.png", (120, 90), fill=fill)
+    with pytest.raises(MaskError, match=f"mask '{mask}' is {what}"):
+        edit(EditRequest(photo, target_prompt="a dog", mask=mask, params=FAST), "masactrl",
+             pipe=tiny_sd)
+
+
+def test_a_full_mask_from_a_dataset_means_no_mask(tiny_sd, photo, tmp_path):
+    mask = _mask(tmp_path, "style.png", (120, 90), fill=255)
+    request = EditRequest(photo, target_prompt="a dog", mask=mask, from_dataset=True,
+                          params=FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a whole-image edit is normal in a benchmark: no warning
+        result = edit(request, "masactrl", pipe=tiny_sd)
+    assert result.intermediates["mask_guided"] is False and result.warnings == []
+    # an empty mask from a dataset is still refused: it marks nothing to edit
+    black = _mask(tmp_path, "black.png", (120, 90))
+    with pytest.raises(MaskError, match="all black"):
+        edit(EditRequest(photo, target_prompt="a dog", mask=black, from_dataset=True,
+                         params=FAST), "masactrl", pipe=tiny_sd)
+
+
+def test_a_mask_of_another_aspect_ratio_is_refused_unless_resized(tiny_sd, photo, tmp_path):
+    square = _mask(tmp_path, "square.png", (100, 100), box=(50, 0, 100, 100))
+    with pytest.raises(MaskError, match=f"mask '{square}' is 100x100 .*the image is 120x90.*"
+                                        "--resize-mask"):
+        edit(EditRequest(photo, target_prompt="a dog", mask=square, params=FAST), "masactrl",
+             pipe=tiny_sd)
+    stretched = edit(EditRequest(photo, target_prompt="a dog", mask=square, resize_mask=True,
+                                 params=FAST), "masactrl", pipe=tiny_sd)
+    assert stretched.intermediates["mask_guided"] is True
+    # the same aspect ratio at another resolution (within a pixel of rounding) needs no flag
+    half = _mask(tmp_path, "half.png", (61, 45), box=(30, 0, 61, 45))
+    scaled = edit(EditRequest(photo, target_prompt="a dog", mask=half, params=FAST), "masactrl",
+                  pipe=tiny_sd)
+    assert scaled.intermediates["mask_guided"] is True
+
+
+def test_an_unreadable_mask_is_reported_as_a_mask(photo, tmp_path, no_model):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    for source in (broken, tmp_path / "absent.png"):
+        with pytest.raises(ImageLoadError, match=f"cannot load mask '{source}': "):
+            edit(EditRequest(photo, target_prompt="a dog", mask=source), "masactrl",
+                 model="tiny")
+    assert no_model == []
+
+
+@pytest.mark.parametrize("method, fields, flag", [
+    ("sdedit", {"target_prompt": " \t "}, "target prompt \\(--target-prompt TEXT\\)"),
+    ("p2p", {"source_prompt": "a cat", "target_prompt": "   "},
+     "target prompt \\(--target-prompt TEXT\\)"),
+    ("instructpix2pix", {"instruction": "\n"}, "instruction \\(--instruction TEXT\\)"),
+])
+def test_a_whitespace_only_prompt_is_empty(photo, no_model, method, fields, flag):
+    with pytest.raises(EditInputError, match=f"method '{method}' needs {flag}"):
+        edit(EditRequest(photo, **fields), method, model="tiny")
+
+
+@pytest.mark.parametrize("method, fields", [
+    ("sdedit", {"target_prompt": LONG}),
+    ("p2p", {"source_prompt": "a cat", "target_prompt": LONG}),
+    ("pnp", {"target_prompt": LONG}),
+])
+def test_an_over_long_prompt_is_refused_with_its_token_count(tiny_sd, photo, method, fields):
+    with pytest.raises(EditInputError, match="target prompt \\(--target-prompt TEXT\\) has 119 "
+                                             "tokens, more than the text encoder's 77.*"
+                                             "--truncate-prompts"):
+        edit(EditRequest(photo, params=FAST, **fields), method, pipe=tiny_sd)
+
+
+def test_an_over_long_prompt_is_truncated_only_when_asked(tiny_sd, photo):
+    from editeval.models.tokenizer import count_tokens, truncate_prompt
+
+    kept = truncate_prompt(tiny_sd.tokenizer, LONG)
+    assert kept == " ".join(["a"] * 75) and count_tokens(tiny_sd.tokenizer, kept) == 77
+    # cut at a word boundary, never inside a word
+    assert truncate_prompt(tiny_sd.tokenizer, "photograph " * 100).split()[-1] == "photograph"
+    request = EditRequest(photo, target_prompt=LONG, truncate_prompts=True, params=FAST)
+    with pytest.warns(EditInputWarning, match="truncated"):
+        result = edit(request, "sdedit", pipe=tiny_sd)
+    note = f"target prompt truncated from 119 to 77 tokens (the text encoder's limit): {kept!r}"
+    assert result.warnings == [note]
+    untruncated = edit(EditRequest(photo, target_prompt=kept, params=FAST), "sdedit",
+                       pipe=tiny_sd)
+    assert np.array_equal(np.asarray(result.image), np.asarray(untruncated.image))
+
+
+def test_identical_prompts_warn_for_a_prompt_pair_method(tiny_sd, photo):
+    request = EditRequest(photo, source_prompt="A cat  on a sofa", target_prompt="a cat on a sofa",
+                          params=FAST)
+    with pytest.warns(EditInputWarning, match="source and target prompts are identical"):
+        result = edit(request, "p2p", pipe=tiny_sd)
+    assert len(result.warnings) == 1 and "nothing to edit" in result.warnings[0]
+
+
+@pytest.mark.parametrize("fields, error, message", [
+    ({"image": "absent.png"}, ImageLoadError, "cannot load image 'absent.png': file not found"),
+    ({"mask": "absent-mask.png"}, ImageLoadError, "cannot load mask 'absent-mask.png'"),
+    ({"target_prompt": " "}, EditInputError, "needs target prompt"),
+    ({"params": {"strenght": 0.4}}, ValueError, "no parameter strenght"),
+    ({"params": {"num_inference_steps": "many"}}, ValueError, "not a int"),
+])
+def test_every_input_is_checked_before_the_model_loads(photo, no_model, fields, error, message):
+    request = EditRequest(**{"image": photo, "target_prompt": "a dog", **fields})
+    with pytest.raises(error, match=message):
+        edit(request, "masactrl", model="tiny")
+    assert no_model == []
+
+
+def test_a_black_mask_is_refused_before_the_model_loads(photo, tmp_path, no_model):
+    black = _mask(tmp_path, "black.png", (120, 90))
+    with pytest.raises(MaskError, match="all black"):
+        edit(EditRequest(photo, target_prompt="a dog", mask=black), "masactrl", model="tiny")
+    assert no_model == []
+
+
+cli = CliRunner()
+
+
+def test_cli_reports_a_missing_image_before_loading_a_model(tmp_path, no_model):
+    result = cli.invoke(app, ["edit", str(tmp_path / "absent.jpg"), "--method", "sdedit",
+                              "--target-prompt", "a dog", "--model", "tiny"])
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: cannot load image '{tmp_path / 'absent.jpg'}': "
+                                     "file not found; check the path")
+    assert no_model == []
+
+
+def test_cli_prints_input_warnings_as_one_line_and_passes_the_policy_flags(photo, tmp_path):
+    source = tmp_path / "photo.png"
+    photo.save(source)
+    mask = _mask(tmp_path, "m.png", (120, 90), box=(60, 0, 120, 90))
+    out = tmp_path / "out.png"
+    result = cli.invoke(app, ["edit", str(source), "--method", "sdedit", "--target-prompt", LONG,
+                              "--mask", str(mask), "--model", "tiny", "-p",
+                              "num_inference_steps=2", "-o", str(out), "--truncate-prompts"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "warning: sdedit does not use the mask (--mask FILE); ignored" in lines
+    assert any(line.startswith("warning: target prompt truncated from 119 to 77 tokens")
+               for line in lines)
+    assert "warnings.warn" not in result.output and "EditInputWarning" not in result.output
+    square = _mask(tmp_path, "square.png", (90, 90), box=(45, 0, 90, 90))
+    args = ["edit", str(source), "--method", "masactrl", "--target-prompt", "a dog", "--mask",
+            str(square), "--model", "tiny", "-p", "num_inference_steps=2", "-o", str(out)]
+    refused = cli.invoke(app, args)
+    assert refused.exit_code == 2 and "--resize-mask" in refused.output
+    assert cli.invoke(app, [*args, "--resize-mask"]).exit_code == 0

@@ -18,6 +18,7 @@ from editeval.data.images import (
     load_image,
     load_mask,
     mask_to_array,
+    same_aspect,
 )
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -488,3 +489,25 @@ def test_mask_to_array_rejects_non_binary():
     bilevel = Image.new("1", (2, 1), 0)
     bilevel.putpixel((0, 0), 1)
     assert mask_to_array(bilevel).tolist() == [[True, False]]
+
+
+def test_an_unreadable_mask_is_named_as_a_mask(tmp_path):
+    with pytest.raises(ImageLoadError, match="^cannot load mask '.*absent.png': file not found"):
+        load_mask(tmp_path / "absent.png")
+    with pytest.raises(ImageLoadError, match="^cannot load mask <bytes>: not a recognised"):
+        load_mask(b"not an image")
+    with pytest.raises(ImageLoadError, match="^cannot load image <bytes>: not a recognised"):
+        load_image(b"not an image")
+
+
+@pytest.mark.parametrize("size, other, same", [
+    ((120, 90), (120, 90), True),
+    ((120, 90), (60, 45), True),
+    ((120, 90), (61, 45), True),  # a pixel of rounding
+    ((1024, 768), (512, 385), True),
+    ((120, 90), (100, 100), False),
+    ((120, 90), (60, 47), False),
+    ((512, 512), (512, 384), False),
+])
+def test_same_aspect_allows_a_pixel_of_rounding(size, other, same):
+    assert same_aspect(size, other) is same and same_aspect(other, size) is same

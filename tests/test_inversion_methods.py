@@ -199,3 +199,37 @@ def test_bad_parameters_are_refused(tiny_sd, image, method, params, message):
     request = EditRequest(image, source_prompt=SOURCE, target_prompt=TARGET, params=params)
     with pytest.raises(ValueError, match=message):
         edit(request, method, pipe=tiny_sd)
+
+
+# --- what the cards say against what the code (and the official code) does ---------------------
+
+def test_ddpm_inversion_lists_no_posterior_mean_deviation():
+    # the official main_run.py encodes with latent_dist.mode(), the posterior mean, as we do
+    card = get_method("ddpm-inversion").card
+    assert "posterior" not in card.deviations
+    assert "keeps the last step's noise map" in card.deviations
+
+
+@pytest.mark.parametrize("guidance_scale, image_guidance_scale, per_step", [
+    (7.5, 1.5, 3), (7.5, 1.0, 3), (1.0, 1.5, 1), (7.5, 0.5, 1), (0.5, 0.5, 1)])
+def test_instructpix2pix_nfe_follows_its_formula(tiny_ip2p, image, guidance_scale,
+                                                 image_guidance_scale, per_step):
+    # diffusers guides (a batch of 3) only when guidance_scale > 1 and image_guidance_scale >= 1
+    request = EditRequest(image, instruction="make it blue", params={
+        "num_inference_steps": 3, "guidance_scale": guidance_scale,
+        "image_guidance_scale": image_guidance_scale})
+    assert edit(request, "instructpix2pix", pipe=tiny_ip2p).nfe == per_step * 3
+    card = get_method("instructpix2pix").card
+    assert card.nfe_formula.startswith("3 * num_inference_steps when guidance_scale > 1 and "
+                                       "image_guidance_scale >= 1, else num_inference_steps")
+
+
+def test_direct_inversion_nfe_and_the_saving_over_the_official_code(tiny_sd, image):
+    # ours: steps (DDIM inversion) + 4 * steps (the edit); the official code adds a pass over the
+    # trajectory with both prompts under guidance (a batch of 4: 4 * steps) before the edit
+    first, second = _edit_twice(tiny_sd, image, "direct-inversion", {"num_inference_steps": 4})
+    assert (first.nfe, second.nfe) == (4 + 4 * 4, 4 * 4)
+    card = get_method("direct-inversion").card
+    assert card.nfe_formula == "num_inference_steps (DDIM inversion; 0 when cached) + " \
+                               "4 * num_inference_steps"
+    assert "4 * num_inference_steps fewer NFE" in card.deviations

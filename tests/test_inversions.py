@@ -21,8 +21,9 @@ from editeval.diffusion.inversion import (
     optimise_null_text,
     reconstruct_source,
 )
-from editeval.diffusion.inversion_cache import InversionCache
+from editeval.diffusion.inversion_cache import InversionCache, inversion_key
 from editeval.diffusion.latents import decode_latents, encode_image, encode_prompt
+from editeval.models import load_pipeline
 from editeval.toyworld.models import WEIGHTS
 
 STEPS = 5
@@ -158,6 +159,41 @@ def test_null_text_cache_key_holds_its_options(tiny_sd, photo):
         assert invert_source(tiny_sd, photo, PROMPT, "null-text", cache=cache,
                              early_stop_epsilon=1e3, **options).cached
     assert hit.nfe == 0
+
+
+def _ddim_key(pipe, image) -> str:
+    return inversion_key(kind="ddim", image=image, prompt=PROMPT, pipe=pipe,
+                         scheduler=ddim_scheduler(pipe, STEPS), num_inference_steps=STEPS,
+                         guidance_scale=1.0)
+
+
+def test_the_cache_key_names_the_weights_not_the_path(photo):
+    from diffusers import AutoencoderKL
+
+    first, second, swapped = load_pipeline("tiny"), load_pipeline("tiny"), load_pipeline("tiny")
+    key = _ddim_key(first, photo)
+    assert _ddim_key(second, photo) == key  # the same weights loaded twice
+    with torch.no_grad():  # one VAE weight changed, after the key was first computed
+        second.vae.decoder.conv_out.bias[0] += 0.5
+    assert _ddim_key(second, photo) != key
+    _ddim_key(swapped, photo)
+    swapped.vae = AutoencoderKL.from_config(swapped.vae.config)  # same config, other weights
+    assert _ddim_key(swapped, photo) not in (key, _ddim_key(second, photo))
+
+
+def test_the_weights_digest_is_computed_once_per_pipeline(monkeypatch):
+    import editeval.diffusion.weights as weights
+
+    pipe = load_pipeline("tiny")
+    hashed = []
+    digest = weights._digest
+    monkeypatch.setattr(weights, "_digest", lambda modules: hashed.append(1) or digest(modules))
+    first = weights.weights_digest(pipe)
+    assert weights.weights_digest(pipe) == first and len(hashed) == 1
+    with torch.no_grad():
+        pipe.text_encoder.get_parameter("final_layer_norm.weight")[3] *= 2
+    assert weights.weights_digest(pipe) != first and len(hashed) == 2
+    assert len(first) == 64 and int(first, 16) >= 0  # hex sha256
 
 
 def test_unknown_inversion_and_bad_options(tiny_sd, photo):

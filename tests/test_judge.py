@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import random
@@ -16,8 +17,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
-from judge_server import JudgeServer, chat, images_of, scores_json
+from judge_server import (
+    EMPTY_BODY,
+    NO_CHOICES,
+    NOT_JSON,
+    JudgeServer,
+    chat,
+    closed_port_url,
+    images_of,
+    rate_limited,
+    scores_json,
+    stalled,
+)
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -199,6 +212,39 @@ def test_failures_and_refusals_are_recorded_with_raw_text(toy_run):
     assert refused[0]["message"] == "The prompt was filtered."
     table, _ = leaderboard(Run.open(toy_run))
     assert table["failures"].sum() == 3 and table["items"].sum() == 6
+    assert table["parse_failures"].sum() == 2 and table["refusals"].sum() == 1
+    assert table["transport_errors"].sum() == 0
+
+
+def test_leaderboard_reports_failures_by_kind(toy_run):
+    """A transport error is never counted as a parse failure."""
+    def reply(body, call):
+        if call == 0:
+            return 200, {}, chat("prose only"), 0.0
+        if call == 1:
+            return 400, {}, {"error": {"code": "content_filter", "message": "filtered"}}, 0.0
+        if call == 2:
+            return 503, {}, {"error": {"message": "overloaded"}}, 0.0
+        return _valid(body, call)
+
+    with JudgeServer(reply) as server:
+        backend = make_backend("openai:fake", Run.open(toy_run), base_url=server.url,
+                               retry_total=0.0)
+        summary = score_run(Run.open(toy_run), backend, Protocol(mode="per-image"), concurrency=1)
+    assert dict(summary.statuses) == {"parse_failed": 1, "refused": 1, "error": 1, "ok": 3}
+    assert summary.describe() == "3 ok, 1 parse failure, 1 refusal, 1 transport error"
+    table, identity = leaderboard(Run.open(toy_run))
+    kinds = ["parse_failures", "refusals", "transport_errors", "failures", "items"]
+    assert table[kinds].sum().tolist() == [1, 1, 1, 3, 6]
+    assert (table["failures"] == table[kinds[:3]].sum(axis=1)).all()
+    markdown = to_markdown(table, identity)
+    assert "| Method | Parse failures | Refusals | Transport errors |" in markdown
+    assert "Parse failures per method" not in markdown
+    for row in table.itertuples():  # which method met which reply depends on the request order
+        rates = [f"{count / 3:.1%} ({count}/3)"
+                 for count in (row.parse_failures, row.refusals, row.transport_errors)]
+        assert f"| {row.method} | {' | '.join(rates)} |" in markdown
+    assert "33.3% (1/3)" in markdown
 
 
 def _judged(run: Path) -> int:
@@ -280,7 +326,7 @@ def test_repeats_report_their_spread(toy_run):
     table, identity = leaderboard(Run.open(toy_run))
     assert list(table["mean"]) == [5.0, 5.0]
     assert list(table["repeat_spread"]) == [1.0, 1.0]  # population std of (4, 6)
-    assert "| alpha | 0.0% (0/6) |" in to_markdown(table, identity)  # parse failures, 2 repeats
+    assert "| alpha | 0.0% (0/6) | 0.0% (0/6) | 0.0% (0/6) |" in to_markdown(table, identity)
 
 
 def test_oracle_judge_and_leaderboard(toy_run, tmp_path, monkeypatch):
@@ -299,8 +345,9 @@ def test_oracle_judge_and_leaderboard(toy_run, tmp_path, monkeypatch):
     csv = runner.invoke(app, ["leaderboard", str(toy_run), "--format", "csv", "-o", str(out)])
     assert csv.exit_code == 0
     lines = out.read_text().splitlines()
-    assert lines[0] == "task,rank,method,mean,std,n,failures,items,failure_rate,repeat_spread"
-    assert lines[1].startswith("texture_change,1,alpha,10.0,0.0,3,0,3,0.0,")
+    assert lines[0] == ("task,rank,method,mean,std,n,failures,items,failure_rate,parse_failures,"
+                        "refusals,transport_errors,repeat_spread")
+    assert lines[1].startswith("texture_change,1,alpha,10.0,0.0,3,0,3,0.0,0,0,0,")
     monkeypatch.setattr(cli.console, "width", 40)  # a narrow terminal, or a pipe (80 columns)
     for fmt in ("csv", "md"):  # printed, lines stay whole: a piped CSV must parse
         saved = tmp_path / f"board.{fmt}"
@@ -371,3 +418,231 @@ def test_local_vlm_backend_plumbing(toy_run, monkeypatch):
     again.max_new_tokens = 8
     score_run(Run.open(toy_run), again, Protocol())
     assert calls == [3, 3, 3]  # all from the cache
+
+
+# --- replies that are not answers, unreachable servers, credentials, back-off, ties ------------
+
+def _stored(run_dir: Path) -> list[dict]:
+    with Run.open(run_dir) as run:
+        return run.store.judgements()
+
+
+def test_replies_that_are_not_chat_completions_are_recorded_errors_never_cached(toy_run):
+    bad = {0: NO_CHOICES, 1: EMPTY_BODY, 2: NOT_JSON}
+
+    def reply(body, call):
+        return bad[call] if call in bad else _valid(body, call)
+
+    with JudgeServer(reply) as server:
+        backend = make_backend("openai:fake", Run.open(toy_run), base_url=server.url)
+        summary = score_run(Run.open(toy_run), backend, Protocol(mode="per-image"), concurrency=3)
+        assert dict(summary.statuses) == {"error": 3, "ok": 3}  # the rest of the run went on
+        rows = _stored(toy_run)
+        errors = {r["raw"]: r["message"] for r in rows if r["status"] == "error"}
+        assert set(errors) == {json.dumps(NO_CHOICES[2]), "", NOT_JSON[2].decode()}
+        assert "not a chat completion" in errors[json.dumps(NO_CHOICES[2])]
+        assert errors[""] == f"HTTP 200 from {server.url}/chat/completions with an empty body"
+        assert errors[NOT_JSON[2].decode()] == (
+            f"HTTP 200 from {server.url}/chat/completions with a body that is not JSON")
+        assert len(list((toy_run / "judge_cache").rglob("*.json"))) == 3  # the answers only
+        again = score_run(Run.open(toy_run), make_backend("openai:fake", Run.open(toy_run),
+                                                          base_url=server.url),
+                          Protocol(mode="per-image"))
+    assert again.requests == 3 and dict(again.statuses) == {"ok": 3}  # retried on the rerun
+    assert {r["status"] for r in _stored(toy_run)} == {"ok"}
+
+
+def test_a_cached_reply_that_is_not_a_chat_completion_is_asked_again(toy_run):
+    with JudgeServer(_valid) as server:
+        score_run(Run.open(toy_run), make_backend("openai:fake", Run.open(toy_run),
+                                                  base_url=server.url), Protocol())
+        for path in (toy_run / "judge_cache").rglob("*.json"):  # as an older editeval wrote them
+            entry = json.loads(path.read_text())
+            entry["response"]["body"] = NO_CHOICES[2]
+            path.write_text(json.dumps(entry))
+        with sqlite3.connect(toy_run / "results.sqlite") as db:
+            db.execute("DELETE FROM judge_scores")
+        again = score_run(Run.open(toy_run), make_backend("openai:fake", Run.open(toy_run),
+                                                          base_url=server.url), Protocol())
+    assert again.requests == 3 and dict(again.statuses) == {"ok": 6}
+
+
+def test_unreachable_server_stops_the_run_in_one_line(toy_run):
+    url = closed_port_url()
+    secret_url = url.replace("http://", "http://user:hunter2@") + "?api_key=sk-leak&x=1"
+    start = time.monotonic()
+    result = CliRunner().invoke(app, ["score", str(toy_run), "--judge", "openai:fake",
+                                      "--base-url", secret_url, "--mode", "per-image"])
+    elapsed = time.monotonic() - start
+    assert result.exit_code == 1, result.output
+    assert elapsed < 15
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: cannot reach the judge at {url}?x=1: ConnectError: ")
+    assert "Connection refused" in lines[0]
+    assert "4 transport errors" in lines[0] and "2 edits not judged" in lines[0]
+    assert "hunter2" not in result.output and "sk-leak" not in result.output
+    rows = _stored(toy_run)  # the four requests in flight are recorded, as transport errors
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"error"}
+    assert all("ConnectError" in r["message"] for r in rows)
+    for path in toy_run.rglob("*"):
+        if path.is_file():
+            assert b"hunter2" not in path.read_bytes() and b"sk-leak" not in path.read_bytes()
+
+
+def test_credentials_in_the_base_url_are_used_but_never_stored_or_printed(toy_run):
+    with JudgeServer(_valid) as server:
+        url = server.url.replace("http://", "http://user:hunter2@") + "?api_key=sk-leak&api-version=1"
+        for model in ("fake", "other"):
+            backend = make_backend(f"openai:{model}", Run.open(toy_run), base_url=url)
+            score_run(Run.open(toy_run), backend, Protocol())
+    assert backend.name == f"openai:other@{server.url}?api-version=1"
+    assert server.paths[0] == "/v1/chat/completions?api_key=sk-leak&api-version=1"
+    assert server.headers[0]["Authorization"] == "Basic " + base64.b64encode(b"user:hunter2").decode()
+    for path in toy_run.rglob("*"):
+        if path.is_file():
+            assert b"hunter2" not in path.read_bytes() and b"sk-leak" not in path.read_bytes()
+    _, identity = leaderboard(Run.open(toy_run), "openai:fake")  # picked by its model
+    assert identity["judge"] == f"openai:fake@{server.url}?api-version=1"
+    runner = CliRunner()
+    picked = runner.invoke(app, ["leaderboard", str(toy_run), "--judge", "openai:other"])
+    assert picked.exit_code == 0 and f"`openai:other@{server.url}?api-version=1`" in picked.output
+    missing = runner.invoke(app, ["leaderboard", str(toy_run), "--judge", "openai:gpt-4o"])
+    assert missing.exit_code == 2
+    assert missing.output.count("\n") == 1 and "openai:gpt-4o" in missing.output
+    assert f"openai:fake@{server.url}?api-version=1" in missing.output
+    assert f"openai:other@{server.url}?api-version=1" in missing.output
+
+
+def test_a_minute_long_rate_limit_is_waited_out(toy_run):
+    """Retry-After is honoured for as long as the retry total allows (here: ten 429s of 0.1 s;
+    a minute of Retry-After: 1 with the default total)."""
+    def reply(body, call):
+        return rate_limited("0.1") if call < 10 else _valid(body, call)
+
+    with JudgeServer(reply) as server:
+        backend = make_backend("openai:fake", Run.open(toy_run), base_url=server.url,
+                               retry_total=30.0)
+        start = time.monotonic()
+        summary = score_run(Run.open(toy_run), backend, Protocol(), concurrency=1)
+    assert dict(summary.statuses) == {"ok": 6} and len(server.bodies) == 13
+    assert time.monotonic() - start >= 1.0
+    assert backend.retry_total == 30.0 and make_backend(
+        "openai:fake", Run.open(toy_run)).retry_total >= 120  # the default survives a minute
+
+
+def test_back_off_gives_up_after_the_retry_total(toy_run):
+    with JudgeServer(lambda body, call: rate_limited("0.2")) as server:
+        backend = make_backend("openai:fake", Run.open(toy_run), base_url=server.url,
+                               retry_total=0.5)
+        start = time.monotonic()
+        summary = score_run(Run.open(toy_run), backend, Protocol(), concurrency=3)
+    assert time.monotonic() - start < 5
+    assert dict(summary.statuses) == {"error": 6}
+    message = _stored(toy_run)[0]["message"]
+    assert re.fullmatch(r"gave up after [34] attempts in 0\.\d s \(retry total 0\.5 s\); last: "
+                        r"HTTP 429: .*Rate limit reached.*", message), message
+
+
+def test_a_timeout_says_what_timed_out_and_after_how_long(toy_run):
+    with JudgeServer(lambda body, call: stalled(10.0)) as server:
+        backend = make_backend("openai:fake", Run.open(toy_run), base_url=server.url,
+                               timeout=0.3, retry_total=0.0)
+        summary = score_run(Run.open(toy_run), backend, Protocol(mode="per-image"), concurrency=6)
+    assert dict(summary.statuses) == {"error": 6}
+    message = _stored(toy_run)[0]["message"]
+    assert re.fullmatch(r"gave up after 1 attempts? in 0\.\d s \(retry total 0 s\); last: "
+                        r"ReadTimeout: POST /v1/chat/completions: no data within the 0\.3 s read "
+                        r"timeout \(gave up 0\.\d s after sending\)", message), message
+
+
+def test_score_exit_code_and_summary_are_honest(toy_run):
+    def reply(body, call):
+        return NO_CHOICES if call == 0 else _valid(body, call)
+
+    with JudgeServer(reply) as server:
+        result = CliRunner().invoke(app, ["score", str(toy_run), "--judge", "openai:fake",
+                                          "--base-url", server.url, "--mode", "per-image",
+                                          "--concurrency", "1"])
+    assert result.exit_code == 1, result.output
+    last = result.stderr.strip().splitlines()[-2:]
+    assert last[0] == "6 requests sent; edits judged now: 5 ok, 1 transport error; 0 judged before"
+    assert last[1] == ("error: 1 edit got no answer (transport error; the causes are in "
+                       f"{toy_run}/results.sqlite): rerun to retry it")
+
+
+def _run_with_methods(toy_dir: Path, out: Path, methods: list[str]) -> Run:
+    samples = load_dataset("editeval-toy", toy_dir).select(["texture_change"], limit=2)
+    run = Run.for_config(RunConfig(dataset="editeval-toy", methods=methods, model="fake", out=out,
+                                   data_dir=toy_dir))
+    run.save_config()
+    for method in methods:
+        for sample in samples:
+            run.store.record_done(job_id=f"{method}/{sample.id}/seed0", method=method,
+                                  sample_id=sample.id, task=sample.task, seed=0,
+                                  image=Image.open(sample.image_path), nfe=0, uncached_nfe=0,
+                                  wall_seconds=0.0, model="fake", params={})
+    return run
+
+
+@pytest.mark.parametrize("values, ranks", [
+    # method -> S_all of its two edits (None: a parse failure); ranks in method order
+    ({"a": [7.3, None], "b": [7.3, 7.3], "c": [7.0, 7.0]}, [1, 1, 3]),  # 7.30 (n=1) = 7.30 (n=2)
+    ({"a": [7.304, 7.304], "b": [7.296, 7.296], "c": [7.31, 7.31]}, [2, 2, 1]),  # shown 7.30
+    ({"a": [5.0, 5.0], "b": [6.0, 6.0], "c": [None, None]}, [2, 1, None]),  # nothing parsed: -
+])
+def test_ties_in_the_shown_mean_share_a_rank(toy_dir, tmp_path, values, ranks):
+    with _run_with_methods(toy_dir, tmp_path / "run", list(values)) as run:
+        for method, scores in values.items():
+            for row, s_all in zip([r for r in run.rows("done") if r.method == method], scores):
+                run.store.record_judgement(
+                    job_id=row.job_id, judge="oracle", protocol_version="v", mode="per-image",
+                    repeat=0, status="ok" if s_all else "parse_failed", scores=None, s_all=s_all,
+                    position=1, group_size=1, message="", raw="", cache_key=None)
+        table, identity = leaderboard(run)
+    by_method = table.set_index("method")["rank"]
+    assert [None if pd.isna(by_method[m]) else int(by_method[m]) for m in values] == ranks
+    markdown = to_markdown(table, identity)
+    if ranks == [1, 1, 3]:
+        assert "| 1 | a | 7.30 | 0.00 | 1 | 1/2 |" in markdown
+        assert "| 1 | b | 7.30 | 0.00 | 2 | 0/2 |" in markdown
+    if ranks[2] is None:
+        assert "| - | c | - | - | 0 | 2/2 |" in markdown
+
+
+def test_a_server_that_goes_away_stops_the_run_after_the_retry_total(toy_run):
+    from editeval.judge import JudgeUnreachable
+
+    samples = Run.open(toy_run).samples
+    rows = Run.open(toy_run).rows("done")
+    requests = [JudgeRequest(samples[r.sample_id], [Run.open(toy_run).image_path(r)]) for r in rows]
+
+    async def judge_twice(server: JudgeServer, backend: OpenAICompatibleBackend):
+        try:
+            first = await backend.judge(requests[0], Protocol())
+            server.__exit__(None, None, None)  # the server goes away after answering once
+            start = time.monotonic()
+            with pytest.raises(JudgeUnreachable) as info:
+                await backend.judge(requests[1], Protocol())
+            return first, info.value, time.monotonic() - start
+        finally:
+            await backend.close()
+
+    server = JudgeServer(_valid).__enter__()
+    backend = OpenAICompatibleBackend("fake", server.url, retry_total=0.5, backoff=0.05)
+    first, stopped, elapsed = asyncio.run(judge_twice(server, backend))
+    assert first.status == "ok"
+    assert 0.3 < elapsed < 3  # retried for the retry total (a blip is survived), then stopped
+    assert str(stopped).startswith(f"cannot reach the judge at {server.url} for 0 s: ConnectError: "
+                                   "Connection refused")
+
+
+def test_a_retry_cut_short_by_the_budget_is_recorded(toy_run):
+    with JudgeServer(lambda body, call: (503, {}, {"error": {"message": "busy"}}, 0.0)) as server:
+        backend = make_backend("openai:fake", Run.open(toy_run), base_url=server.url, budget=2)
+        backend.backoff = 0.01
+        summary = score_run(Run.open(toy_run), backend, Protocol(mode="per-image"), concurrency=1)
+    assert summary.requests == 2 and summary.budget_exhausted
+    assert dict(summary.statuses) == {"error": 1} and summary.not_judged == 5
+    assert _stored(toy_run)[0]["message"] == (
+        'the request budget was spent while retrying; last: HTTP 503: {"error": {"message": "busy"}}')

@@ -136,10 +136,10 @@ def test_masactrl_takes_the_mask_only_when_given(tiny_sd, image, mask):
     assert masked.nfe == plain.nfe == 4 + 3 * 4
     difference = np.abs(np.asarray(masked.image, float) - np.asarray(plain.image, float)).max()
     assert difference > 0
-    # a full mask (EditEval's style changes) is accepted and separates nothing
+    # a dataset's full mask (the toy world's style changes) means no mask
     full = Image.new("L", (64, 64), 255)
-    whole = edit(EditRequest(image, target_prompt="a red car", mask=full, params=MASA),
-                 "masactrl", pipe=tiny_sd)
+    whole = edit(EditRequest(image, target_prompt="a red car", mask=full, from_dataset=True,
+                             params=MASA), "masactrl", pipe=tiny_sd)
     assert not whole.intermediates["mask_guided"]
     assert np.array_equal(np.asarray(whole.image), np.asarray(plain.image))
 

@@ -3,7 +3,9 @@ plan's up-front input checks, method plugins, and the denoiser-agnostic NFE coun
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import sqlite3
 import sys
 import textwrap
@@ -103,9 +105,18 @@ def test_an_older_store_gains_the_new_columns(tmp_path):
         db.execute("INSERT INTO results VALUES ('m/t/1/seed0', 'm', 't/1', 't', 0, 'done', "
                    "'images/m/t/1_seed0.png', 50, 1.5, 'tiny', '{}', NULL, 'now')")
     (tmp_path / "config.json").write_text('{"dataset": "editeval-toy", "model": "tiny"}')
+    with Run.open(tmp_path, readonly=True) as run:  # a reader sees it as it is, changing nothing
+        before = _files(tmp_path)
+        (row,) = run.rows()
+        assert run.store.judgements() == [] and run.store.metric_values() == []
+        assert _files(tmp_path) == before
+    assert (row.nfe, row.uncached_nfe, row.intermediates) == (50, None, None)
     with Run.open(tmp_path) as run:
         (row,) = run.rows()
     assert (row.nfe, row.uncached_nfe, row.intermediates) == (50, None, None)
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(results)")}
+    assert {"uncached_nfe", "intermediates"} <= columns
 
 
 # --- planning: inputs checked against the dataset before anything runs -----------------------
@@ -149,6 +160,66 @@ def test_commands_refuse_a_folder_that_is_not_a_run(tmp_path):
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 2
         assert "is not a run directory" in result.output and "Traceback" not in result.output
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("config", [
+    '{"_class_name": "UNet2DConditionModel", "sample_size": 64}',  # a diffusers model folder
+    "not json at all",
+    "[1, 2]",
+])
+def test_reading_commands_create_nothing_in_a_folder_that_is_not_a_run(tmp_path, config):
+    (tmp_path / "config.json").write_text(config)
+    before = _files(tmp_path)
+    for command in (["leaderboard", str(tmp_path)], ["score", str(tmp_path)],
+                    ["leaderboard", str(tmp_path / "absent")]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.exception
+        assert "is not a run directory" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert _files(tmp_path) == before  # no results.sqlite, no folder, nothing changed
+    assert not (tmp_path / "absent").exists()
+
+
+def test_leaderboard_of_a_file_is_one_line(tmp_path):
+    taken = tmp_path / "results.csv"
+    taken.write_text("a,b\n")
+    result = CliRunner().invoke(app, ["leaderboard", str(taken)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip() == (f"error: {taken} is a file, not a run directory; pass the "
+                                     "folder `editeval bench` made")
+    assert taken.read_text() == "a,b\n"
+
+
+def test_a_store_on_a_read_only_disk_reads(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text('{"dataset": "editeval-toy", "model": "tiny"}')
+    with Run.open(tmp_path) as run:
+        run.store.record_failed(job_id="m/t/1/seed0", method="m", sample_id="t/1", task="t",
+                                seed=0, error="boom")
+
+    # a WAL store on a read-only disk: a read-only connection cannot make the -shm file
+    class NoSharedMemory(sqlite3.Connection):
+        def execute(self, sql, *args):
+            err = sqlite3.OperationalError("unable to open database file")
+            err.sqlite_errorcode = 14  # SQLITE_CANTOPEN
+            raise err
+
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda database, *a, **k: connect(
+        database, *a, **k, **({"factory": NoSharedMemory} if "mode=ro" in str(database) else {})))
+    with Run.open(tmp_path, readonly=True) as run:
+        assert [(row.job_id, row.error) for row in run.rows()] == [("m/t/1/seed0", "boom")]
+
+
+def test_leaderboard_of_a_run_without_results_creates_nothing(tmp_path):
+    # a run killed before its first job was recorded holds config.json only
+    (tmp_path / "config.json").write_text('{"dataset": "editeval-toy", "model": "tiny"}')
+    result = CliRunner().invoke(app, ["leaderboard", str(tmp_path)])
+    assert result.exit_code == 2 and "holds no results yet" in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
 # --- the registry: parameters declared once, methods from entry points ------------------------
@@ -232,3 +303,53 @@ def test_nfe_is_counted_at_a_transformer_denoiser():
     with pytest.raises(TypeError, match="neither a unet nor a transformer"):
         denoiser(object())
     assert math.isclose(counter.uncached, 3)
+
+
+# --- files follow the user's umask -----------------------------------------------------------
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_every_file_of_a_run_follows_the_umask(tmp_path, umask, mode):
+    from editeval.core.files import atomic_write
+    from editeval.diffusion.inversion_cache import InversionCache
+
+    previous = os.umask(umask)
+    try:
+        config = RunConfig(dataset="editeval-toy", methods=["sdedit"], model="tiny",
+                           out=tmp_path / "run")
+        with Run.for_config(config) as run:
+            run.save_config()
+            image = Image.new("RGB", (8, 8), (10, 20, 30))
+            run.store.record_done(
+                job_id="sdedit/style_change/1/seed0", method="sdedit",
+                sample_id="style_change/1", task="style_change", seed=0, image=image, nfe=1,
+                uncached_nfe=1, wall_seconds=0.1, model="tiny", params={},
+                intermediates={"latents": torch.zeros(2), "map": np.zeros(2), "mask": image})
+            _, hit = run.inversion_cache.get_or_compute("k" * 64, lambda: {"z": torch.ones(3)})
+            assert not hit
+            atomic_write(run.path / "plain.bin", lambda handle: handle.write(b"x"))
+            modes = {str(p.relative_to(run.path)): oct(p.stat().st_mode & 0o777)
+                     for p in run.path.rglob("*") if p.is_file()}
+    finally:
+        os.umask(previous)
+    assert {"config.json", "results.sqlite", "images/sdedit/style_change/1_seed0.png",
+            "intermediates/sdedit/style_change/1_seed0/latents.pt",
+            "intermediates/sdedit/style_change/1_seed0/map.npy",
+            "intermediates/sdedit/style_change/1_seed0/mask.png",
+            f"inversions/{'k' * 64}.pt", "plain.bin"} <= set(modes)
+    assert set(modes.values()) == {oct(mode)}, modes
+    assert InversionCache(tmp_path / "run" / "inversions").get_or_compute(
+        "k" * 64, lambda: {"z": torch.zeros(3)})[1]  # the cached file reads back
+
+
+def test_a_failed_atomic_write_names_the_file_and_leaves_nothing(tmp_path):
+    from editeval.core.files import atomic_write
+
+    def full(handle):
+        handle.write(b"part")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    target = tmp_path / "a.png"
+    with pytest.raises(OSError) as raised:
+        atomic_write(target, full)
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(target))
+    assert list(tmp_path.iterdir()) == []

@@ -30,6 +30,22 @@ console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
 
 
+@app.callback()
+def _options(
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="CPU threads for torch (default: OMP_NUM_THREADS, else half the cores, so that "
+                    "one other busy process does not slow editeval down; docs in editeval.core.threads).")] = None,
+) -> None:
+    """Diffusion-model-based image editing: methods, the EditEval benchmark, the survey's taxonomy."""
+    from editeval.core.threads import configure_threads
+
+    try:
+        configure_threads(threads)
+    except ValueError as err:
+        errors.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(2) from None
+
+
 @contextmanager
 def _clean_errors() -> Iterator[None]:
     """Turn the library's input and configuration errors into one red line and exit code 2."""
@@ -69,6 +85,28 @@ def _split(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
+@contextmanager
+def _input_warnings_as_lines() -> Iterator[None]:
+    """Print each :class:`~editeval.editing.EditInputWarning` as one yellow line when issued
+    (every one, not once per place); other warnings as Python shows them."""
+    import warnings
+
+    from editeval.editing import EditInputWarning
+
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def one_line(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, EditInputWarning):
+                errors.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = one_line
+        warnings.simplefilter("always", EditInputWarning)
+        yield
+
+
 @app.command()
 def edit(
     image: Annotated[Path, typer.Argument(help="Source image (any format Pillow reads).")],
@@ -83,20 +121,27 @@ def edit(
     param: Annotated[list[str], typer.Option("--param", "-p", help="Method parameter NAME=VALUE, repeatable (e.g. -p strength=0.6).")] = [],
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ...; default cuda when available.")] = None,
     dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32; default fp16 on CUDA, fp32 on CPU.")] = None,
+    resize_mask: Annotated[bool, typer.Option("--resize-mask", help="Stretch a mask of another aspect ratio to the image (refused otherwise).")] = False,
+    truncate_prompts: Annotated[bool, typer.Option("--truncate-prompts", help="Cut a prompt longer than the text encoder takes (77 CLIP tokens) at the last whole word that fits (refused otherwise).")] = False,
 ) -> None:
-    """Edit one image with one method and write the result at the source's size."""
+    """Edit one image with one method and write the result at the source's size.
+
+    Every input is checked before the model loads. An input the method does not use, a truncated
+    prompt or identical source and target prompts give a one-line warning.
+    """
     from PIL import Image
 
     from editeval.core import EditRequest
     from editeval.editing import edit as run_edit
 
-    with _clean_errors():
+    with _clean_errors(), _input_warnings_as_lines():
         if output.suffix.lower() not in Image.registered_extensions():
             raise ValueError(f"cannot write {output}: unknown image extension "
                              f"{output.suffix or '(none)'}; use .png, .jpg, .webp, ...")
         request = EditRequest(image, source_prompt=source_prompt, target_prompt=target_prompt,
                               instruction=instruction, mask=mask, seed=seed,
-                              params=_parse_params(param, qualified=False))
+                              params=_parse_params(param, qualified=False),
+                              resize_mask=resize_mask, truncate_prompts=truncate_prompts)
         result = run_edit(request, method, model=model, device=device, dtype=dtype)
     output.parent.mkdir(parents=True, exist_ok=True)
     result.image.save(output)
@@ -128,7 +173,7 @@ def bench(
 ) -> None:
     """Edit every sample with every method (resumable: the same command again skips finished jobs)."""
     from editeval.bench import run_bench, summarize
-    from editeval.run import Run, RunConfig
+    from editeval.run import NotARunError, Run, RunConfig
 
     safe_model = re.sub(r"[^\w.-]+", "_", model).strip("_")
     out = out or Path("runs") / f"{dataset}-{safe_model}"
@@ -143,8 +188,14 @@ def bench(
             errors.print(f"\n[yellow]interrupted[/yellow]: finished jobs are kept in {out}; "
                          "run the same command again to resume")
             raise typer.Exit(130) from None
-    with Run.open(out) as run:
-        stats = summarize(run.rows())
+        except OSError as err:  # config.json cannot be written: a read-only or full disk
+            errors.print(f"[red]error:[/red] {err}", highlight=False)
+            raise typer.Exit(1) from None
+    try:
+        with Run.open(out, readonly=True) as run:
+            stats = summarize(run.rows())
+    except NotARunError:  # stopped before its first job was recorded
+        stats = {}
     table = Table(title=f"{out}  ({summary.done} done and {summary.failed} failed now, "
                         f"{summary.skipped} finished before)")
     for column in ("method", "done", "failed", "mean NFE", "uncached NFE", "mean s/edit"):
@@ -155,10 +206,23 @@ def bench(
                                    ("mean_seconds", ".2f"))]
         table.add_row(name, str(row["done"]), str(row["failed"]), *cells)
     console.print(table)
+    for name, (count, first) in sorted(summary.warned.items()):
+        errors.print(f"[yellow]note:[/yellow] {name}: {count} job{'s' * (count != 1)} with input "
+                     f"warnings (stored with each row), e.g. {first}", highlight=False)
     for job_id, error in list(summary.errors.items())[:5]:
         errors.print(f"[red]failed[/red] {job_id}: {error.splitlines()[0]}", highlight=False)
     if summary.failed > 5:
         errors.print(f"... and {summary.failed - 5} more failures (see {out}/results.sqlite)")
+    if summary.stopped:
+        errors.print(f"[red]stopped:[/red] {summary.stopped}; {summary.not_run} jobs not run: "
+                     f"make room (or make {out} writable), then run the same command again to "
+                     "resume", highlight=False)
+    if summary.failed:
+        errors.print(f"[red]{summary.failed} of {summary.done + summary.failed} jobs failed[/red] "
+                     f"in this call; their errors are stored in {out}/results.sqlite, and the "
+                     "same command again retries them", highlight=False)
+    if summary.failed or summary.stopped:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -167,7 +231,7 @@ def score(
     judge: Annotated[str | None, typer.Option(help="LMM Score judge: oracle (toy runs), openai:MODEL (any OpenAI-compatible server) or local:MODEL (transformers). Default: oracle, unless only --metrics is given.")] = None,
     mode: Annotated[str, typer.Option(help="comparative (one conversation per source over all methods, the survey's protocol) or per-image.")] = "comparative",
     template: Annotated[Path | None, typer.Option(help="Your own prompt template ({task}, {instruction}, {n_images}).")] = None,
-    base_url: Annotated[str | None, typer.Option(help="API root of an OpenAI-compatible server (default $OPENAI_BASE_URL or OpenAI).")] = None,
+    base_url: Annotated[str | None, typer.Option(help="API root of an OpenAI-compatible server (default $OPENAI_BASE_URL or OpenAI). User info and query parameters are sent, never stored or printed.")] = None,
     api_key_env: Annotated[str, typer.Option(help="Environment variable that holds the API key (the key is never stored).")] = "OPENAI_API_KEY",
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 4,
     repeats: Annotated[int, typer.Option(help="Score every item K times; the spread is reported.")] = 1,
@@ -175,7 +239,8 @@ def score(
     temperature: Annotated[float, typer.Option(help="Judge sampling temperature.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for the shuffled order and the judge (seed + repeat).")] = 0,
     max_side: Annotated[int, typer.Option(help="Images are downscaled to this longest side (px) before sending.")] = 512,
-    timeout: Annotated[float, typer.Option(help="Seconds per HTTP request.")] = 120.0,
+    timeout: Annotated[float, typer.Option(help="Seconds per HTTP request (connecting: at most 10).")] = 120.0,
+    retry_total: Annotated[float, typer.Option(help="Seconds a request keeps being retried (timeouts, connection failures, 429 honouring Retry-After, 5xx).")] = 300.0,
     structured: Annotated[bool, typer.Option(help="Also ask the server for JSON-schema structured output.")] = False,
     metrics: Annotated[str | None, typer.Option(help="Classic metrics, comma-separated: clip_t, clip_t_edited, clip_i, clip_dir, lpips, psnr, ssim, mse, dino_struct, fid, kid; or 'default' (all but clip_t_edited). Stored per image; a rerun computes only what is missing.")] = None,
     clip_model: Annotated[str | None, typer.Option(help="CLIP for clip_*: hub id, folder, toy (the toy world's CLIP) or tiny. Default openai/clip-vit-large-patch14; toy on toy-model runs.")] = None,
@@ -200,18 +265,31 @@ def score(
             protocol = Protocol.from_file(template, mode) if template else Protocol(mode=mode)
             backend = make_backend(judge, run, base_url=base_url, api_key_env=api_key_env,
                                    budget=budget, temperature=temperature, seed=seed,
-                                   max_side=max_side, timeout=timeout, structured=structured)
+                                   max_side=max_side, timeout=timeout,
+                                   retry_total=retry_total, structured=structured)
             summary = score_run(run, backend, protocol, concurrency=concurrency,
                                 repeats=repeats, seed=seed, console=errors)
-            statuses = ", ".join(f"{n} {s}" for s, n in sorted(summary.statuses.items())) or "none"
-            sent = (f"{summary.requests} requests sent" if backend.name != "oracle"
-                    else "computed by the oracle from ground truth (no model requests)")
-            errors.print(f"{sent}; edits judged now: {statuses}; "
-                         f"{summary.skipped_items} judged before")
-            if summary.budget_exhausted:
-                errors.print(f"[yellow]request budget of {budget} spent: rerun to continue")
+            if summary.stopped:  # the server cannot be reached: one line, nothing else
+                errors.print(f"[red]error:[/red] {summary.stopped}; stopped with "
+                             f"{summary.describe()} now and {summary.not_judged} edit"
+                             f"{'s' * (summary.not_judged != 1)} not judged; rerun when the "
+                             "server is reachable", highlight=False)
+                raise typer.Exit(1)
             table, identity = leaderboard(run, backend.name)
             console.print(to_markdown(table, identity), markup=False, highlight=False)
+            sent = (f"{summary.requests} requests sent" if backend.name != "oracle"
+                    else "computed by the oracle from ground truth (no model requests)")
+            errors.print(f"{sent}; edits judged now: {summary.describe()}; "
+                         f"{summary.skipped_items} judged before", highlight=False)
+            if summary.budget_exhausted:
+                errors.print(f"[yellow]request budget of {budget} spent: "
+                             f"{summary.not_judged} edits not judged; rerun to continue")
+            unanswered = summary.statuses.get("error", 0)
+            if unanswered:
+                errors.print(f"[red]error:[/red] {unanswered} edit{'s' * (unanswered > 1)} got "
+                             f"no answer (transport error{'s' * (unanswered > 1)}; the causes "
+                             f"are in {run.path}/results.sqlite): rerun to retry "
+                             f"{'them' if unanswered > 1 else 'it'}", highlight=False)
         if wanted:
             progress = Progress(TextColumn("[bold]metrics"), BarColumn(), MofNCompleteColumn(),
                                 console=errors)
@@ -234,13 +312,15 @@ def score(
                 sets = sets[[k in chosen for k in zip(sets["metric"], sets["backbone"])]]
             console.print(metrics_markdown(per_image, sets), markup=False, highlight=False,
                           soft_wrap=True)  # Markdown: no line breaks added
+    if judge is not None and summary.statuses.get("error"):
+        raise typer.Exit(1)  # edits without an answer: the scoring is not complete
 
 
 @app.command(name="leaderboard")
 def leaderboard_command(
     run_dir: Annotated[Path, typer.Argument(help="A scored run directory.")],
     format: Annotated[str, typer.Option("--format", help="md or csv.")] = "md",
-    judge: Annotated[str | None, typer.Option(help="Which judge, when a run has several.")] = None,
+    judge: Annotated[str | None, typer.Option(help="Which judge, when a run has several: its name as stored, or openai:MODEL when one judge has that model.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of the terminal.")] = None,
 ) -> None:
     """The leaderboard of a scored run: per task and method, mean and std of S_all."""
@@ -250,7 +330,7 @@ def leaderboard_command(
     with _clean_errors():
         if format not in ("md", "csv"):
             raise ValueError(f"--format must be md or csv, not {format!r}")
-        with Run.open(run_dir) as run:
+        with Run.open(run_dir, readonly=True) as run:
             table, identity = leaderboard(run, judge)
     text = to_markdown(table, identity) if format == "md" else table.to_csv(index=False)
     if output:

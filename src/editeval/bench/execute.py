@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import traceback
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 from editeval.bench.plan import Job
 from editeval.core.registry import get_method
 from editeval.core.types import EditRequest, EditResult
-from editeval.editing import edit
+from editeval.editing import EditInputWarning, edit
 from editeval.models import ModelNotAvailableError, load_pipeline
 from editeval.run import Run, RunConfig
 
@@ -24,11 +25,14 @@ from editeval.run import Run, RunConfig
 @dataclass
 class Outcome:
     """What one job gave: an :class:`EditResult`, or the error that stopped it (one line, with the
-    traceback when ``EDITEVAL_TRACEBACKS`` is set)."""
+    traceback when ``EDITEVAL_TRACEBACKS`` is set) and, when that error was an ``OSError``, its
+    ``errno`` (a full or read-only disk stops the run:
+    :data:`~editeval.core.files.DISK_FULL_ERRNOS`)."""
 
     job: Job
     result: EditResult | None = None
     error: str | None = None
+    os_errno: int | None = None
 
 
 class Executor(Protocol):
@@ -75,14 +79,18 @@ def run_job(job: Job, pipe: Any, config: RunConfig, inversion_cache: Any) -> Out
         instruction=sample.instruction,
         task=sample.task,
         mask=sample.mask_path,
+        from_dataset=True,
         seed=job.seed,
         params=config.params.get(job.method, {}),
     )
     try:
-        return Outcome(job, result=edit(request, job.method, pipe=pipe,
-                                        inversion_cache=inversion_cache))
+        with warnings.catch_warnings():  # kept in the result and its row; the runner sums them up
+            warnings.simplefilter("ignore", EditInputWarning)
+            return Outcome(job, result=edit(request, job.method, pipe=pipe,
+                                            inversion_cache=inversion_cache))
     except Exception as err:  # recorded as a failed row with its message, then the run goes on
         message = f"{type(err).__name__}: {err}"
         if os.environ.get("EDITEVAL_TRACEBACKS"):
             message += "\n" + traceback.format_exc()
-        return Outcome(job, error=message)
+        return Outcome(job, error=message,
+                       os_errno=err.errno if isinstance(err, OSError) else None)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
@@ -26,13 +26,16 @@ from rich.progress import (
 
 from editeval.bench.execute import Executor, LocalExecutor
 from editeval.bench.plan import plan_run
-from editeval.bench.record import record
+from editeval.bench.record import record, write_error
+from editeval.core.files import DISK_FULL_ERRNOS
 from editeval.run import Run, RunConfig
 
 
 @dataclass
 class BenchSummary:
-    """Counts after a run: jobs planned, skipped as already finished, done and failed now."""
+    """Counts after a run: jobs planned, skipped as already finished, done and failed now; and,
+    when the run directory could take no more writes (a full or read-only disk, a used-up quota),
+    why the run stopped and how many jobs it did not run."""
 
     planned: int
     skipped: int
@@ -40,11 +43,20 @@ class BenchSummary:
     failed: int
     missing_images: list[str]
     errors: dict[str, str]  # job id -> error, for jobs that failed in this call
+    stopped: str | None = None
+    not_run: int = 0
+    # method -> (jobs done now whose inputs gave warnings, the first such warning); each job's
+    # warnings are stored with its row, so the run prints one line per method, not one per job
+    warned: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 def run_bench(config: RunConfig, console: Console | None = None,
               executor: Executor | None = None) -> BenchSummary:
     """Run (or resume) the benchmark described by ``config``; see the module docstring.
+
+    A job whose files cannot be written is recorded as failed with the path and the OS error;
+    when the disk can take no more (:data:`~editeval.core.files.DISK_FULL_ERRNOS`), or not even a
+    failure can be recorded, the run stops there and says why in ``summary.stopped``.
 
     Args:
         executor: makes the edits; default a :class:`~editeval.bench.execute.LocalExecutor`.
@@ -52,7 +64,7 @@ def run_bench(config: RunConfig, console: Console | None = None,
     Raises:
         DatasetError, KeyError (unknown method), ValueError (bad parameters), PlanError (a method
         needs an input the dataset lacks), RunConfigError, ModelNotAvailableError: before any job
-        runs and before anything is written.
+        runs and before anything is written. OSError: ``config.json`` cannot be written.
     """
     console = console or Console(stderr=True, soft_wrap=True)  # log lines stay whole
     executor = executor or LocalExecutor()
@@ -75,9 +87,18 @@ def run_bench(config: RunConfig, console: Console | None = None,
             for number, outcome in enumerate(executor.execute(plan.pending, run, config),
                                              start=plan.skipped + 1):
                 job = outcome.job
-                record(run, outcome)
+                try:
+                    outcome = record(run, outcome)
+                except OSError as err:  # the store itself takes no more
+                    summary.stopped = (f"{write_error(err, 'the results')}; {job.job_id} is "
+                                       "not recorded")
+                    summary.not_run = len(plan.pending) - summary.done - summary.failed - 1
+                    break
                 if outcome.error is None:
                     summary.done += 1
+                    if outcome.result.warnings:
+                        count, first = summary.warned.get(job.method, (0, outcome.result.warnings[0]))
+                        summary.warned[job.method] = (count + 1, first)
                 else:
                     summary.failed += 1
                     summary.errors[job.job_id] = outcome.error
@@ -93,6 +114,10 @@ def run_bench(config: RunConfig, console: Console | None = None,
                     console.print(f"[{number}/{len(plan.jobs)}] {job.job_id} "
                                   f"{'failed' if outcome.error else 'done'}; "
                                   f"elapsed {elapsed:.0f} s, ETA {eta:.0f} s", highlight=False)
+                if outcome.os_errno in DISK_FULL_ERRNOS:  # every later write would fail alike
+                    summary.stopped = f"{outcome.error} ({job.job_id} is recorded as failed)"
+                    summary.not_run = len(plan.pending) - summary.done - summary.failed
+                    break
     return summary
 
 

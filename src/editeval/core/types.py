@@ -21,13 +21,25 @@ class EditRequest:
         source_prompt: a caption of the source image (inversion-based methods).
         target_prompt: a caption of the wanted result (text-guided methods such as SDEdit).
         instruction: an imperative edit instruction (instruction-based methods such as InstructPix2Pix).
+            A prompt of only whitespace counts as not given; one longer than the text encoder
+            takes (77 tokens for CLIP, start and end tokens included) is refused, unless
+            ``truncate_prompts``.
         task: the EditEval task id (``object_addition`` ...), when known.
         mask: the edit region (white = edit), for methods that take one; anything
-            :func:`editeval.data.images.load_mask` accepts.
+            :func:`editeval.data.images.load_mask` accepts. It must mark some pixels to edit and
+            some to keep, and have the image's aspect ratio (any resolution) unless
+            ``resize_mask``.
         reference: a reference image, for methods that take one.
         seed: seeds every random draw; equal seeds give bit-identical edits on the CPU.
         params: method parameters overriding the method card's defaults (``strength``,
             ``guidance_scale``, ...); unknown names are an error.
+        resize_mask: stretch a mask of another aspect ratio to the image instead of refusing it.
+        truncate_prompts: cut an over-long prompt at the last whole word that fits (with a
+            warning) instead of refusing it.
+        from_dataset: the request is a dataset sample's, with every field the sample has whatever
+            the method (the benchmark runner sets it): inputs the method does not use are left
+            out without a warning, and an all-white mask marks a whole-image edit (a style
+            change) and means no mask instead of being refused.
     """
 
     image: Any
@@ -39,6 +51,9 @@ class EditRequest:
     reference: Any = None
     seed: int = 0
     params: Mapping[str, Any] = field(default_factory=dict)
+    resize_mask: bool = False
+    truncate_prompts: bool = False
+    from_dataset: bool = False
 
 
 @dataclass
@@ -58,7 +73,11 @@ class EditResult:
         wall_seconds: wall-clock time of the method call, seconds (model loading excluded).
         params: the effective method parameters (card defaults updated by the request).
         seed: the seed used.
-        intermediates: anything worth keeping (inverted latents, masks, ...), by name.
+        intermediates: anything worth keeping (inverted latents, masks, ...), by name; the
+            input warnings again under ``"warnings"`` (when there are any), so a run stores them.
+        warnings: what the edit noted about its inputs (an input the method does not use, a
+            truncated prompt, identical prompts, a dataset's full mask taken as none), one
+            sentence each; each was also issued as an :class:`editeval.editing.EditInputWarning`.
     """
 
     image: Image.Image
@@ -71,6 +90,7 @@ class EditResult:
     params: dict[str, Any]
     seed: int
     intermediates: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -79,9 +99,11 @@ class EditInputs:
 
     Attributes:
         image: RGB source image, sides multiples of 8 (the model's resolution).
-        source_prompt, target_prompt, instruction: as in the request ("" when not given).
+        source_prompt, target_prompt, instruction: as in the request, stripped, within the text
+            encoder's token limit ("" when not given, or when the method does not use it).
         task: EditEval task id or ``None``.
-        mask: edit region, mode "L" with values 0/255 (255 = edit), same size as ``image``, or ``None``.
+        mask: edit region, mode "L" with values 0/255 (255 = edit), same size as ``image``, with
+            both values present, or ``None``.
         reference: RGB reference image at the same size, or ``None``.
         inversion_cache: an :class:`~editeval.diffusion.inversion_cache.InversionCache` shared by
             the methods of a run, or ``None`` (inversions are then computed every time).

@@ -22,7 +22,8 @@ Resolution policy
 
 Masks
     :func:`load_mask` returns a binary mode-``"L"`` mask with values 0 (keep)
-    and 255 (edit): white marks the region to edit.
+    and 255 (edit): white marks the region to edit. :func:`same_aspect` tells
+    whether a mask has its image's aspect ratio.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ __all__ = [
     "load_image",
     "load_mask",
     "mask_to_array",
+    "same_aspect",
+    "source_name",
 ]
 
 MAX_PIXELS = 64_000_000
@@ -131,8 +134,13 @@ def load_image(source: ImageSource, *, max_pixels: int = MAX_PIXELS) -> Image.Im
     return _over_white(image) if image.mode == "RGBA" else image
 
 
-def _source_name(source: object) -> str:
-    """How error messages name ``source``; TypeError for unsupported types."""
+def source_name(source: object) -> str:
+    """How error messages name ``source``: a path in quotes (``'photo.jpg'``), or ``<bytes>``,
+    ``<PIL image>``, ``<array>``.
+
+    Raises:
+        TypeError: ``source`` is none of the types :func:`load_image` accepts.
+    """
     if isinstance(source, Image.Image):
         return "<PIL image>"
     if isinstance(source, np.ndarray):
@@ -148,15 +156,17 @@ def _source_name(source: object) -> str:
 
 
 def _fail(name: str, reason: str) -> ImageLoadError:
-    return ImageLoadError(f"cannot load image {name}: {reason}")
+    """The error for ``name``, which says what failed to load: ``"image 'x.png'"``, ``"mask <bytes>"``."""
+    return ImageLoadError(f"cannot load {name}: {reason}")
 
 
-def _decode(source: ImageSource, max_pixels: int) -> Image.Image:
+def _decode(source: ImageSource, max_pixels: int, kind: str = "image") -> Image.Image:
     """Decode ``source`` into a new, oriented 8-bit image of mode RGB or RGBA.
 
-    The result is RGBA only when some pixel is not fully opaque.
+    The result is RGBA only when some pixel is not fully opaque. Errors name the source as a
+    ``kind`` (``"image"``, ``"mask"``).
     """
-    name = _source_name(source)
+    name = f"{kind} {source_name(source)}"
     if isinstance(source, Image.Image):
         return _normalise(_read(source, name, max_pixels), name)
     if isinstance(source, np.ndarray):
@@ -428,7 +438,8 @@ def load_mask(
         A new ``PIL.Image.Image`` of mode ``"L"`` with values only 0 and 255.
 
     Raises:
-        ImageLoadError: the source cannot be loaded (see :func:`load_image`).
+        ImageLoadError: the source cannot be loaded (see :func:`load_image`); the message
+            names it as a mask (``cannot load mask 'm.png': ...``).
         MaskError: the mask is all 0 and not ``allow_empty``, or all 255 and
             not ``allow_full``.
         ValueError: ``threshold`` is outside 1..255 or ``size`` is not two
@@ -441,8 +452,8 @@ def load_mask(
         len(size) == 2 and all(isinstance(s, numbers.Integral) and s > 0 for s in size)
     ):
         raise ValueError(f"size must be (width, height) with positive integers, got {size!r}")
-    name = _source_name(source)
-    grey = _mask_grey(_decode(source, MAX_PIXELS))
+    name = source_name(source)
+    grey = _mask_grey(_decode(source, MAX_PIXELS, kind="mask"))
     mask = grey.point([0] * int(threshold) + [255] * (256 - int(threshold)))
     if size is not None:
         mask = mask.resize((int(size[0]), int(size[1])), Image.Resampling.NEAREST)
@@ -471,6 +482,17 @@ def _mask_grey(image: Image.Image) -> Image.Image:
             return image.getchannel("A")
         image = _over_white(image)
     return image.convert("L")
+
+
+def same_aspect(size: tuple[int, int], other: tuple[int, int]) -> bool:
+    """Whether two ``(width, height)`` sizes have the same aspect ratio, up to the pixel of
+    rounding that scaling one to the other's width or height leaves (120x90 and 61x45 match,
+    120x90 and 60x47 do not): a mask saved at another resolution of its image passes, a mask of
+    another shape does not.
+    """
+    (width, height), (other_width, other_height) = size, other
+    return (abs(width * other_height / other_width - height) <= 1
+            or abs(other_width * height / width - other_height) <= 1)
 
 
 def mask_to_array(mask: Image.Image) -> np.ndarray:

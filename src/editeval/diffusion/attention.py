@@ -139,8 +139,10 @@ class _Clock:
 class ControlledAttnProcessor:
     """An attention processor that hands its queries, keys, values and probabilities to a controller.
 
-    Numerically it is diffusers' ``AttnProcessor`` (explicit softmax) on the layers the controller
-    wants and ``scaled_dot_product_attention`` on the others.
+    Numerically it is diffusers' ``AttnProcessor`` (explicit softmax, through the layer's own
+    ``get_attention_scores``, which honours ``upcast_attention`` and ``upcast_softmax``: scores or
+    softmax in float32 when set, as float16 checkpoints that need it expect) on the layers the
+    controller wants and ``scaled_dot_product_attention`` on the others.
     """
 
     def __init__(self, name: str, controller: AttentionController, clock: _Clock) -> None:
@@ -184,10 +186,9 @@ class ControlledAttnProcessor:
         call = self._call(tokens)
         if self.controller.wants(call):
             query, key, value = self.controller.edit_qkv(query, key, value, call)
-            scores = query @ key.transpose(-1, -2) * attn.scale
-            if attention_mask is not None:
-                scores = scores + attention_mask.view(batch, -1, *attention_mask.shape[-2:])
-            probs = scores.float().softmax(dim=-1).to(value.dtype)
+            probs = attn.get_attention_scores(query.reshape(-1, *query.shape[-2:]),
+                                              key.reshape(-1, *key.shape[-2:]), attention_mask)
+            probs = probs.view(batch, attn.heads, *probs.shape[-2:]).to(value.dtype)
             probs = self.controller.edit_probs(probs, call)
             self.controller._store(probs, call)
             out = probs @ value

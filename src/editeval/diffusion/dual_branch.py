@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from editeval.diffusion.ddim import ddim_step, noise_levels
+from editeval.diffusion.ddim import ddim_step, model_noise, noise_levels
 
 
 class BranchGuidance:
@@ -80,12 +80,11 @@ def sample_branches(unet: Any, latents: torch.Tensor, scheduler: Any, conds: tor
     for step, t in enumerate(scheduler.timesteps):
         level = len(timesteps) - step
         uncond = guidance.uncond(step).to(conds).expand(branches, *conds.shape[1:])
-        noise = unet(torch.cat([latents, latents]), t,
-                     encoder_hidden_states=torch.cat([uncond, conds])).sample
+        noise = model_noise(unet, scheduler, torch.cat([latents, latents]), t,
+                            torch.cat([uncond, conds]))
         noise_uncond, noise_cond = noise.chunk(2)
         noise = guidance.combine(step, t, noise_uncond, noise_cond)
-        latents = ddim_step(latents, noise, alphas[level].to(latents),
-                            alphas[level - 1].to(latents))
+        latents = ddim_step(latents, noise, alphas[level], alphas[level - 1])
         latents = guidance.correct(step, t, latents)
         if callback is not None:
             latents = callback(step, t, latents)

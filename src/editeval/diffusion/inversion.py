@@ -39,7 +39,8 @@ from the same DDIM trajectory, cached through :mod:`editeval.diffusion.inversion
   the trajectory (its reconstruction is exact); the target branch runs free. The official code
   computes these differences in a separate guided pass over the trajectory; computing them during
   the editing pass gives the same numbers (the source branch's inputs are the same: Prompt-to-Prompt
-  never changes the source branch) without the extra 2 x steps NFE. NFE = steps.
+  never changes the source branch) without the extra 4 x steps NFE (that pass runs the source and
+  the target prompt under guidance, a UNet batch of 4). NFE = steps.
 
 Sampling under an inversion goes through :func:`editeval.diffusion.dual_branch.sample_branches`
 with the :class:`~editeval.diffusion.dual_branch.BranchGuidance` of :class:`SourceInversion`.
@@ -56,7 +57,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from editeval.diffusion.ddim import ddim_invert, ddim_scheduler, ddim_step, noise_levels
+from editeval.diffusion.ddim import (
+    ddim_invert,
+    ddim_scheduler,
+    ddim_step,
+    model_noise,
+    noise_levels,
+)
 from editeval.diffusion.dual_branch import BranchGuidance, sample_branches
 from editeval.diffusion.inversion_cache import cached_inversion, inversion_key
 from editeval.diffusion.latents import decode_latents, encode_image, encode_prompt
@@ -233,7 +240,6 @@ def optimise_null_text(unet: Any, trajectory: list[torch.Tensor], scheduler: Any
     """
     timesteps, alphas = noise_levels(scheduler)
     steps = len(timesteps)
-    device = trajectory[0].device
     latent = trajectory[-1].float()
     cond, current = cond.float(), uncond.float()
     embeddings: list[torch.Tensor] = []
@@ -241,17 +247,16 @@ def optimise_null_text(unet: Any, trajectory: list[torch.Tensor], scheduler: Any
     with _fp32_frozen(unet), torch.enable_grad():
         for i, t in enumerate(scheduler.timesteps):
             level = steps - i
-            alpha_t, alpha_prev = alphas[level].to(device).float(), \
-                alphas[level - 1].to(device).float()
+            alpha_t, alpha_prev = alphas[level], alphas[level - 1]
             target = trajectory[level - 1].float()
             with torch.no_grad():
-                noise_cond = unet(latent, t, encoder_hidden_states=cond).sample
+                noise_cond = model_noise(unet, scheduler, latent, t, cond)
             current = current.detach().clone().requires_grad_(True)
             optimiser = torch.optim.Adam([current], lr=NULL_TEXT_LR * (1 - i / (2 * steps)))
             threshold = null_text_threshold(early_stop_epsilon, i)
             done = 0
             for _ in range(inner_steps):
-                noise_uncond = unet(latent, t, encoder_hidden_states=current).sample
+                noise_uncond = model_noise(unet, scheduler, latent, t, current)
                 noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
                 loss = F.mse_loss(ddim_step(latent, noise, alpha_t, alpha_prev), target)
                 optimiser.zero_grad()
@@ -264,8 +269,8 @@ def optimise_null_text(unet: Any, trajectory: list[torch.Tensor], scheduler: Any
             embeddings.append(current.clone())
             iterations.append(done)
             with torch.no_grad():
-                noise = unet(torch.cat([latent] * 2), t,
-                             encoder_hidden_states=torch.cat([current, cond])).sample
+                noise = model_noise(unet, scheduler, torch.cat([latent] * 2), t,
+                                    torch.cat([current, cond]))
                 noise_uncond, noise_cond = noise.chunk(2)
                 noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
                 latent = ddim_step(latent, noise, alpha_t, alpha_prev)

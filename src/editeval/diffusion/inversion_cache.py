@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,7 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from editeval.core.files import atomic_write
 from editeval.core.nfe import current_counter, denoiser
+from editeval.diffusion.weights import weights_digest
 
 Value = dict[str, Any]  # tensors, lists of tensors and plain numbers
 FORMAT = 2  # on-disk entries: {"format", "nfe", "value"}; other files are recomputed
@@ -50,7 +51,9 @@ def inversion_key(*, kind: str, image: Image.Image, prompt: str, pipe: Any, sche
     Args:
         kind: the inversion's name (``ddim``, ``null-text``, ``edict``, ...).
         image: the source at the model's resolution. prompt: the prompt it is inverted under.
-        pipe: the pipeline (its ``name_or_path`` and the denoiser's class and config identify the model).
+        pipe: the pipeline: the digest of its weights (:func:`~editeval.diffusion.weights.
+            weights_digest`, so a swapped VAE or changed weights never get a stale inversion),
+            the denoiser's class and config and its dtype identify the model.
         scheduler: the scheduler used (class name and config).
         num_inference_steps, guidance_scale: as used by the inversion.
         options: anything else the result depends on (JSON-serialisable).
@@ -60,7 +63,7 @@ def inversion_key(*, kind: str, image: Image.Image, prompt: str, pipe: Any, sche
         "kind": kind,
         "image": image_digest(image),
         "prompt": prompt,
-        "model": str(getattr(pipe, "name_or_path", "")),
+        "weights": weights_digest(pipe),
         "denoiser": [type(model).__name__, _jsonable(dict(model.config))],
         "dtype": str(model.dtype),
         "scheduler": [type(scheduler).__name__, _jsonable(dict(scheduler.config))],
@@ -131,14 +134,7 @@ class InversionCache:
     def _save(self, key: str, entry: tuple[Value, int]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         cpu = {"format": FORMAT, "nfe": entry[1], "value": _to_cpu(entry[0])}
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(cpu, tmp)
-            os.replace(tmp, self.directory / f"{key}.pt")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(self.directory / f"{key}.pt", lambda handle: torch.save(cpu, handle))
 
 
 def _read(path: Path) -> tuple[Value, int] | None:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from editeval.core.types import EditInputs
-from editeval.diffusion.ddim import ddim_invert, ddim_scheduler, ddim_step
+from editeval.diffusion.ddim import ddim_invert, ddim_scheduler, ddim_step, model_noise
 from editeval.diffusion.inversion_cache import cached_inversion, inversion_key
 from editeval.diffusion.latents import encode_image, encode_prompt
 
@@ -106,13 +106,13 @@ def denoise_with_source_branch(
         if on_step is not None:
             on_step(i)
         rows = torch.cat([source] + [target] * (len(texts) - 1))
-        noise = unet(rows, t, encoder_hidden_states=text).sample
+        noise = model_noise(unet, scheduler, rows, t, text)
         target_noise = noise[-1:]
         if guided:
             target_noise = noise[1:2] + guidance_scale * (noise[2:3] - noise[1:2])
-        alpha = scheduler.alphas_cumprod[t].to(start)
+        alpha = scheduler.alphas_cumprod[t]
         alpha_next = (scheduler.alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps)
-                      else torch.as_tensor(scheduler.final_alpha_cumprod)).to(start)
+                      else scheduler.final_alpha_cumprod)
         source = ddim_step(source, noise[:1], alpha, alpha_next)
         target = ddim_step(target, target_noise, alpha, alpha_next)
     return source, target

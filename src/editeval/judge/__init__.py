@@ -6,11 +6,15 @@ import os
 
 from editeval.core.lmm_score import overall
 from editeval.judge.backends import (
+    FAILURE_KINDS,
+    JudgeUnreachable,
     LocalVLMBackend,
     OpenAICompatibleBackend,
     OracleBackend,
     RequestBudget,
     ResponseCache,
+    public_judge_name,
+    redact_url,
 )
 from editeval.judge.leaderboard import leaderboard, to_markdown
 from editeval.judge.parsing import ImageScores, ParseFailure, parse_scores
@@ -24,15 +28,16 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 def make_backend(spec: str, run: Run, *, base_url: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", budget: int | None = None,
                  temperature: float = 0.0, seed: int = 0, max_side: int = 512,
-                 timeout: float = 120.0, structured: bool = False):
+                 timeout: float = 120.0, retry_total: float = 300.0, structured: bool = False):
     """A backend from ``oracle``, ``openai:MODEL`` or ``local:MODEL_ID_OR_PATH``.
 
-    OpenAI-compatible servers: ``base_url`` (else ``$OPENAI_BASE_URL``, else OpenAI's), key from
-    the environment variable ``api_key_env``. Responses are cached in the run's judge cache
-    (``RUN_DIR/judge_cache``).
+    OpenAI-compatible servers: ``base_url`` (else ``$OPENAI_BASE_URL``, else OpenAI's; user info
+    and query parameters are sent but never stored), key from the environment variable
+    ``api_key_env``; ``timeout`` seconds per request, retried for up to ``retry_total`` seconds.
+    Answers are cached in the run's judge cache (``RUN_DIR/judge_cache``).
 
     Raises:
-        ValueError: an unknown judge spec.
+        ValueError: an unknown judge spec, or a base URL that is not http(s).
     """
     cache = ResponseCache(run.judge_cache_dir)
     limit = RequestBudget(budget)
@@ -43,7 +48,8 @@ def make_backend(spec: str, run: Run, *, base_url: str | None = None,
         return OpenAICompatibleBackend(
             model=model, base_url=base_url or os.environ.get("OPENAI_BASE_URL", DEFAULT_BASE_URL),
             api_key_env=api_key_env, cache=cache, budget=limit, temperature=temperature,
-            seed=seed, max_side=max_side, timeout=timeout, structured=structured)
+            seed=seed, max_side=max_side, timeout=timeout, retry_total=retry_total,
+            structured=structured)
     if kind == "local" and model:
         return LocalVLMBackend(model_id=model, cache=cache, budget=limit,
                                temperature=temperature, seed=seed, max_side=max_side)
@@ -52,8 +58,10 @@ def make_backend(spec: str, run: Run, *, base_url: str | None = None,
 
 
 __all__ = [
+    "FAILURE_KINDS",
     "PROTOCOL_VERSION",
     "ImageScores",
+    "JudgeUnreachable",
     "LocalVLMBackend",
     "OpenAICompatibleBackend",
     "OracleBackend",
@@ -64,6 +72,8 @@ __all__ = [
     "make_backend",
     "overall",
     "parse_scores",
+    "public_judge_name",
+    "redact_url",
     "score_run",
     "to_markdown",
 ]

@@ -6,6 +6,11 @@ edit), sends them with at most ``concurrency`` in flight, and stores every image
 run's ``results.sqlite`` (table ``judge_scores``) with the judge, protocol version, mode, repeat and
 raw answer. Items already judged are skipped, so a crashed or interrupted scoring resumes where it
 stopped; together with the response cache, a rerun sends no request for them.
+
+Every answer is recorded, failures included (a parse failure, a refusal, or a transport error: the
+request got no answer; transport errors are asked again on a rerun). When the judge's server cannot
+be reached (:class:`~editeval.judge.backends.JudgeUnreachable`) or the request budget is spent, no
+new request starts; those in flight finish and are recorded.
 """
 
 from __future__ import annotations
@@ -22,19 +27,42 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from editeval.core.lmm_score import overall
-from editeval.judge.backends import BudgetExhausted, JudgeAnswer, JudgeRequest
+from editeval.judge.backends import (
+    FAILURE_KINDS,
+    BudgetExhausted,
+    JudgeAnswer,
+    JudgeRequest,
+    JudgeUnreachable,
+)
 from editeval.judge.protocol import MODES, Protocol
 from editeval.run import ResultStore, Run
 
 
 @dataclass
 class ScoreSummary:
-    """Requests made in one call and how their items ended."""
+    """Requests made in one call and how their items ended.
+
+    ``statuses``: items judged in this call per status (``ok`` or a key of ``FAILURE_KINDS``);
+    ``skipped_items``: judged before; ``not_judged``: items left for a rerun because the budget
+    was spent or the run was stopped; ``stopped``: why the run was stopped (the judge's server
+    cannot be reached), else None.
+    """
 
     requests: int = 0
     skipped_items: int = 0
     statuses: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     budget_exhausted: bool = False
+    not_judged: int = 0
+    stopped: str | None = None
+
+    def describe(self) -> str:
+        """``"5 ok, 1 parse failure, 2 transport errors"`` (``"none"`` when nothing was judged)."""
+        parts = [f"{self.statuses['ok']} ok"] if self.statuses.get("ok") else []
+        for status, kind in FAILURE_KINDS.items():
+            count = self.statuses.get(status, 0)
+            if count:
+                parts.append(f"{count} {kind}{'s' * (count > 1)}")
+        return ", ".join(parts) or "none"
 
 
 def _groups(rows: list[Any], mode: str) -> list[list[Any]]:
@@ -61,6 +89,7 @@ def score_run(run: Run, backend: Any, protocol: Protocol = Protocol(), *,
 
     Raises:
         ValueError: unknown mode. DatasetError: the run's dataset cannot be loaded.
+        (An unreachable server does not raise: see ``ScoreSummary.stopped``.)
     """
     if protocol.mode not in MODES:
         raise ValueError(f"unknown mode {protocol.mode!r}; expected one of {', '.join(MODES)}")
@@ -87,7 +116,7 @@ async def _score(run: Run, backend: Any, protocol: Protocol, concurrency: int, r
 
     async def one(group: list[Any], repeat: int) -> tuple[list[Any], int, JudgeAnswer | None]:
         async with gate:
-            if summary.budget_exhausted:
+            if summary.budget_exhausted or summary.stopped:
                 return group, repeat, None
             request = JudgeRequest(samples[group[0].sample_id],
                                    [run.image_path(r) for r in group], repeat)
@@ -96,10 +125,14 @@ async def _score(run: Run, backend: Any, protocol: Protocol, concurrency: int, r
             except BudgetExhausted:
                 summary.budget_exhausted = True
                 return group, repeat, None
+            except JudgeUnreachable as err:  # this request is recorded; no new one starts
+                summary.stopped = str(err)
+                return group, repeat, JudgeAnswer("error", message=str(err))
 
     unit = "edits" if protocol.mode == "per-image" else "samples"  # one request each
     progress = Progress(TextColumn(f"[bold]judging {unit}"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), console=console)
+                        TimeRemainingColumn(), console=console, transient=True,
+                        disable=not console.is_terminal)  # a log gets the summary line only
     try:
         with progress:
             task = progress.add_task("judging", total=len(todo))
@@ -108,6 +141,8 @@ async def _score(run: Run, backend: Any, protocol: Protocol, concurrency: int, r
                 progress.advance(task)
                 if answer is not None:
                     _record(store, backend.name, protocol, group, repeat, answer, summary)
+                else:
+                    summary.not_judged += len(group)
     finally:
         await backend.close()
     summary.requests = backend.budget.used - budget_before

@@ -14,6 +14,8 @@ quality claims.
   its ids equal those of ``openai/clip-vit-large-patch14``.
 - Schedulers as the real checkpoints ship them: SD 1.5's ``PNDMScheduler`` (scaled_linear betas
   0.00085..0.012, 1000 steps) and InstructPix2Pix's ``EulerAncestralDiscreteScheduler``.
+- ``sd-v``: the same pipeline (same weights) whose scheduler says ``prediction_type="v_prediction"``,
+  as Stable Diffusion 2.x at 768 px ships: the denoiser's output is read as v, not as noise.
 
 Pipelines are saved in diffusers format under the editeval cache directory and loaded through
 :func:`editeval.models.load_pipeline`, exactly as a user's checkpoint would be.
@@ -22,7 +24,7 @@ Pipelines are saved in diffusers format under the editeval cache directory and l
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -85,12 +87,16 @@ def _components(in_channels: int) -> dict:
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer())
 
 
-def build_tiny_sd(path: str | os.PathLike) -> Path:
-    """Build the tiny text-to-image pipeline (SD 1.5 layout) and save it to ``path``."""
+def build_tiny_sd(path: str | os.PathLike, prediction_type: str = "epsilon") -> Path:
+    """Build the tiny text-to-image pipeline (SD 1.5 layout) and save it to ``path``.
+
+    ``prediction_type``: what the scheduler reads the denoiser's output as (``epsilon``,
+    ``v_prediction`` or ``sample``); the weights are the same whatever it is.
+    """
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     scheduler = PNDMScheduler(**_SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False,
-                              steps_offset=1)
+                              steps_offset=1, prediction_type=prediction_type)
     pipe = StableDiffusionPipeline(**_components(4), scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path)
@@ -156,8 +162,10 @@ def build_tiny_vlm(path: str | os.PathLike) -> Path:
 
 @lru_cache(maxsize=None)
 def tiny_checkpoint(kind: str) -> Path:
-    """Path of the saved tiny checkpoint of ``kind`` ("sd", "ip2p" or "vlm"), built on first use."""
-    builders = {"sd": build_tiny_sd, "ip2p": build_tiny_ip2p, "vlm": build_tiny_vlm}
+    """Path of the saved tiny checkpoint of ``kind`` ("sd", "sd-v", "ip2p" or "vlm"), built on
+    first use."""
+    builders = {"sd": build_tiny_sd, "sd-v": partial(build_tiny_sd, prediction_type="v_prediction"),
+                "ip2p": build_tiny_ip2p, "vlm": build_tiny_vlm}
     with quiet_progress_bars():
         return build_once(cache_dir() / "tiny" / f"v{TINY_VERSION}" / kind, "model_index.json",
                           builders[kind])

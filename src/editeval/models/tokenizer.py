@@ -1,4 +1,4 @@
-"""The CLIP tokenizer, offline.
+"""The CLIP tokenizer, offline, and prompt lengths in tokens.
 
 The real CLIP BPE vocabulary ships inside the ``open_clip_torch`` wheel
 (``open_clip/bpe_simple_vocab_16e6.txt.gz``); a ``CLIPTokenizer`` built from it gives exactly the
@@ -11,8 +11,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from editeval.core.cache import cache_dir
 
@@ -68,3 +70,34 @@ def clip_tokenizer(directory: str | os.PathLike | None = None):
         model_max_length=77,
         pad_token="<|endoftext|>",
     )
+
+
+def count_tokens(tokenizer: Any, prompt: str) -> int:
+    """The number of tokens the text encoder sees for ``prompt``: its tokens plus the start and end
+    tokens, untruncated (``"a cat"`` is 4 for CLIP). ``tokenizer`` is a transformers tokenizer."""
+    return len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
+
+
+def truncate_prompt(tokenizer: Any, prompt: str, limit: int | None = None) -> str:
+    """The longest prefix of ``prompt`` that ends at a word (a run of non-space characters) and has
+    at most ``limit`` tokens (start and end included; default the tokenizer's
+    ``model_max_length``, 77 for CLIP); ``prompt`` itself when it fits.
+
+    Raises:
+        ValueError: not even the first word fits.
+    """
+    limit = tokenizer.model_max_length if limit is None else limit
+    if count_tokens(tokenizer, prompt) <= limit:
+        return prompt
+    ends = [match.end() for match in re.finditer(r"\S+", prompt)]
+    low, high = 0, len(ends)  # ends[:low] fit (0 words always does), ends[high:] do not
+    while high - low > 1:
+        middle = (low + high) // 2
+        if count_tokens(tokenizer, prompt[:ends[middle - 1]]) <= limit:
+            low = middle
+        else:
+            high = middle
+    if low == 0:
+        raise ValueError(f"cannot truncate the prompt to {limit} tokens at a word: its first word "
+                         f"alone has more ({prompt[:40]!r}...)")
+    return prompt[:ends[low - 1]]

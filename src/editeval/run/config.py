@@ -12,7 +12,8 @@ IDENTITY_KEYS = ("dataset", "model", "params")
 
 
 class RunConfigError(ValueError):
-    """A run directory was created with a different dataset, model or method parameters."""
+    """A run directory was created with a different dataset, model or method parameters, or
+    cannot be made where it is asked for (a file is in the way)."""
 
 
 @dataclass

@@ -11,7 +11,9 @@ Layout::
 
 ``editeval bench`` creates a run (:meth:`Run.for_config`, then :meth:`Run.save_config`);
 ``editeval score``, ``leaderboard``, ``verify`` and every later report open it with
-:meth:`Run.open`. Nothing else reads these files by hand.
+:meth:`Run.open` (``readonly=True`` for commands that only read: they create and change
+nothing). Nothing else reads these files by hand. Files are written with
+:func:`editeval.core.files.atomic_write`, with the permissions the user's umask gives.
 """
 
 from __future__ import annotations
@@ -22,19 +24,20 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from editeval.core.files import atomic_write
 from editeval.core.samples import Dataset, Sample
 from editeval.data.datasets import load_dataset
 from editeval.diffusion.inversion_cache import InversionCache
 from editeval.run.config import IDENTITY_KEYS, RunConfig, RunConfigError
-from editeval.run.intermediates import atomic_write, load_intermediates
-from editeval.run.store import ResultRow, ResultStore
+from editeval.run.intermediates import load_intermediates
+from editeval.run.store import STORE_FILE, ResultRow, ResultStore
 
 CONFIG_FILE = "config.json"
-STORE_FILE = "results.sqlite"
 
 
 class NotARunError(ValueError):
-    """A path is not a run directory (it has no ``config.json``)."""
+    """A path is not a run directory (no folder, no run's ``config.json``), or, for reading, a run
+    that holds no results yet."""
 
 
 class Run:
@@ -46,25 +49,40 @@ class Run:
     Attributes:
         path: the run directory.
         config: the stored configuration (``config.json`` as a dict; see :class:`RunConfig`).
+        readonly: opened for reading only (:meth:`open`): the store is read, never written.
     """
 
-    def __init__(self, path: str | os.PathLike, config: dict[str, Any]) -> None:
+    def __init__(self, path: str | os.PathLike, config: dict[str, Any],
+                 readonly: bool = False) -> None:
         self.path = Path(path)
         self.config = config
+        self.readonly = readonly
         self._store: ResultStore | None = None
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> Run:
-        """The existing run in ``path``.
+    def open(cls, path: str | os.PathLike, readonly: bool = False) -> Run:
+        """The existing run in ``path``; nothing is created or written when ``path`` is not one.
+
+        Args:
+            readonly: for commands that only read (``leaderboard``, reports): the store is opened
+                read-only and must exist; nothing in the run directory is created or changed.
 
         Raises:
-            NotARunError: ``path`` holds no ``config.json`` (the message says how to make one).
+            NotARunError: ``path`` is a file, or holds no run's ``config.json`` (a JSON object
+                naming the dataset and model); or ``readonly`` and the run has no results yet.
+                The message says what to do.
         """
         path = Path(path)
-        if not (path / CONFIG_FILE).is_file():
-            raise NotARunError(f"{path} is not a run directory (no {CONFIG_FILE}); run "
-                               f"`editeval bench ... --out {path}` first")
-        return cls(path, json.loads((path / CONFIG_FILE).read_text()))
+        if path.exists() and not path.is_dir():
+            raise NotARunError(f"{path} is a file, not a run directory; pass the folder "
+                               "`editeval bench` made")
+        hint = f"run `editeval bench ... --out {path}` first"
+        config = _stored_config(path)
+        if config is None:
+            raise NotARunError(f"{path} is not a run directory (no {CONFIG_FILE}); {hint}")
+        if readonly and not (path / STORE_FILE).is_file():
+            raise NotARunError(f"{path} holds no results yet (no {STORE_FILE}); {hint}")
+        return cls(path, config, readonly)
 
     @classmethod
     def for_config(cls, config: RunConfig) -> Run:
@@ -72,12 +90,20 @@ class Run:
         :meth:`save_config` or a record.
 
         Raises:
-            RunConfigError: ``config.out`` holds a run of another dataset, model or parameters.
+            RunConfigError: ``config.out`` holds a run of another dataset, model or parameters,
+                or it (or a folder above it) is a file.
+            NotARunError: ``config.out`` holds a ``config.json`` that is not a run's.
         """
+        out = Path(config.out)
+        for folder in (out, *out.parents):  # the nearest existing one must be a folder
+            if folder.exists():
+                if not folder.is_dir():
+                    raise RunConfigError(f"cannot make the run directory {out}: {folder} is a "
+                                         "file, not a folder; pass another --out")
+                break
         record = config.to_json()
-        stored = Path(config.out) / CONFIG_FILE
-        if stored.is_file():
-            previous = json.loads(stored.read_text())
+        previous = _stored_config(out)
+        if previous is not None:
             for key in IDENTITY_KEYS:
                 if previous.get(key) != record.get(key):
                     raise RunConfigError(
@@ -113,9 +139,10 @@ class Run:
 
     @property
     def store(self) -> ResultStore:
-        """The results store (opened on first use, created if absent)."""
+        """The results store (opened on first use; created if absent unless the run was opened
+        read-only)."""
         if self._store is None:
-            self._store = ResultStore(self.path)
+            self._store = ResultStore(self.path, readonly=self.readonly)
         return self._store
 
     def finished(self, retry_failed: bool = True) -> set[str]:
@@ -157,3 +184,23 @@ class Run:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _stored_config(path: Path) -> dict[str, Any] | None:
+    """The run configuration in ``path / config.json``, or ``None`` when there is none.
+
+    Raises:
+        NotARunError: there is a ``config.json``, but not a run's (unreadable, not JSON, or not
+            an object naming the dataset and model: a model folder's, say).
+    """
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise NotARunError(f"{path} is not a run directory ({CONFIG_FILE} cannot be read: "
+                           f"{err})") from None
+    if not (isinstance(config, dict) and {"dataset", "model"} <= config.keys()):
+        raise NotARunError(f"{path} is not a run directory (its {CONFIG_FILE} is not a run's: "
+                           "it names no dataset and model)")
+    return config

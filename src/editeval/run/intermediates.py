@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -30,20 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from editeval.core.files import atomic_write
+
 _SAFE_NAME = re.compile(r"[^\w.-]+")
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write ``path`` through ``write(handle)`` under a temporary name, then rename it into place,
-    so a process killed mid-write never leaves a half-written file under ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _is_json(value: Any) -> bool:

@@ -11,10 +11,12 @@
 A row is written only after its image (and its intermediates' files) are in place (written to a
 temporary name, then renamed), in one transaction, so a run killed at any moment leaves either a
 complete job or no trace of it, and the job id is the primary key, so nothing is ever duplicated.
+Commands that only read open the store read-only: they create and change nothing.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -22,11 +24,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from PIL import Image
 
-from editeval.run.intermediates import atomic_write, store_intermediates
+from editeval.core.files import atomic_write
+from editeval.run.intermediates import store_intermediates
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -101,6 +104,25 @@ CREATE TABLE IF NOT EXISTS metric_set_scores (
 )
 """
 
+SCHEMAS = {"results": SCHEMA, "judge_scores": JUDGE_SCHEMA, "metric_scores": METRIC_SCHEMA,
+           "metric_set_scores": METRIC_SET_SCHEMA}
+STORE_FILE = "results.sqlite"
+# SQLite's primary result codes (an extended code's low byte) for a store that cannot take a
+# write, as the OS errors they stand for (SQLITE_CANTOPEN: see ResultStore._raise_disk_error),
+# and their messages (Python 3.10's errors carry no code)
+SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN = 8, 10, 13, 14
+_SQLITE_ERRNOS = {SQLITE_FULL: errno.ENOSPC, SQLITE_READONLY: errno.EROFS, SQLITE_IOERR: errno.EIO}
+_SQLITE_MESSAGES = {"database or disk is full": SQLITE_FULL, "disk I/O error": SQLITE_IOERR,
+                    "attempt to write a readonly database": SQLITE_READONLY,
+                    "unable to open database file": SQLITE_CANTOPEN}
+
+
+def _sqlite_code(err: sqlite3.Error) -> int | None:
+    """The primary SQLite result code of ``err`` (from its message on Python 3.10)."""
+    code = getattr(err, "sqlite_errorcode", None)
+    return _SQLITE_MESSAGES.get(str(err)) if code is None else code & 0xFF
+
+
 @dataclass(frozen=True)
 class ResultRow:
     """One job's outcome, as stored.
@@ -129,22 +151,83 @@ class ResultRow:
 
 
 class ResultStore:
-    """Results of one run directory (created if absent); open it through :class:`editeval.run.Run`."""
+    """Results of one run directory; open it through :class:`editeval.run.Run`.
 
-    def __init__(self, run_dir: str | os.PathLike) -> None:
+    Args:
+        run_dir: the run directory; for writing, it and ``results.sqlite`` are created if absent
+            (and an older store gains the newer columns).
+        readonly: open for reading only: nothing is created or changed (a store of an older
+            release reads as if it had the newer tables and columns, empty).
+
+    Raises:
+        OSError: for writing, the disk refuses the store (read-only, full, no permission);
+            ``filename`` is ``results.sqlite``.
+        sqlite3.OperationalError: ``readonly`` and there is no ``results.sqlite`` to open.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, readonly: bool = False) -> None:
         self.run_dir = Path(run_dir)
+        self.path = self.run_dir / STORE_FILE
+        if readonly:
+            self._open_readonly()
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.run_dir / "results.sqlite", isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: safe against process crashes
-        self._db.execute(SCHEMA)
-        self._db.execute(JUDGE_SCHEMA)
-        self._db.execute(METRIC_SCHEMA)
-        self._db.execute(METRIC_SET_SCHEMA)
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
-        for column, kind in ADDED_COLUMNS.items():
-            if column not in have:
-                self._db.execute(f"ALTER TABLE results ADD COLUMN {column} {kind}")
+        # created here with 0666 less the umask (SQLite's own default is 0644 less it); its -wal
+        # and -shm files take the same mode
+        os.close(os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o666))
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: safe against process crashes
+            for schema in SCHEMAS.values():
+                self._db.execute(schema)
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
+            for column, kind in ADDED_COLUMNS.items():
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE results ADD COLUMN {column} {kind}")
+        except sqlite3.OperationalError as err:
+            self._raise_disk_error(err)
+
+    def _open_readonly(self) -> None:
+        uri = self.path.resolve().as_uri()
+        self._db = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None)
+        try:
+            self._shadow_missing_schema()
+        except sqlite3.OperationalError as err:
+            if _sqlite_code(err) != SQLITE_CANTOPEN:
+                raise
+            # a WAL store on a read-only disk, where its -shm file cannot be made: nothing can
+            # change the store there, so it is read as it is
+            self._db.close()
+            self._db = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
+            self._shadow_missing_schema()
+
+    def _raise_disk_error(self, err: sqlite3.OperationalError) -> NoReturn:
+        """Raise a write SQLite refused because of the disk as the ``OSError`` it stands for
+        (``filename``: the store), and any other error as it is."""
+        code = _sqlite_code(err)
+        if code == SQLITE_CANTOPEN:  # the folder refuses the WAL's -wal or -shm file
+            read_only = hasattr(os, "statvfs") and os.statvfs(self.run_dir).f_flag & os.ST_RDONLY
+            code = errno.EROFS if read_only else errno.EACCES
+        else:
+            code = _SQLITE_ERRNOS.get(code)
+        if code is None:
+            raise err
+        raise OSError(code, f"{os.strerror(code)} (SQLite: {err})", str(self.path)) from err
+
+    def _shadow_missing_schema(self) -> None:
+        """Give a read-only connection to an older store the current tables and columns, as
+        empty temporary tables and a temporary view (in memory; the file is not touched)."""
+        tables = {name for (name,) in self._db.execute(
+            "SELECT name FROM sqlite_master WHERE type='table'")}
+        for name, schema in SCHEMAS.items():
+            if name not in tables:
+                self._db.execute(schema.replace("CREATE TABLE IF NOT EXISTS", "CREATE TEMP TABLE"))
+        have = {row[1] for row in self._db.execute("PRAGMA main.table_info(results)")}
+        missing = [column for column in ADDED_COLUMNS if have and column not in have]
+        if missing:
+            added = ", ".join(f"NULL AS {column}" for column in missing)
+            self._db.execute(f"CREATE TEMP VIEW results AS SELECT *, {added} FROM main.results")
 
     def close(self) -> None:
         self._db.close()
@@ -176,7 +259,12 @@ class ResultStore:
                     intermediates: Mapping[str, Any] | None = None) -> Path:
         """Write the image and the intermediates' files atomically, then the row; returns the
         image's absolute path. ``intermediates`` are stored by
-        :func:`editeval.run.intermediates.store_intermediates` under ``intermediates/<job>/``."""
+        :func:`editeval.run.intermediates.store_intermediates` under ``intermediates/<job>/``.
+
+        Raises:
+            OSError: a file or the row cannot be written (``filename``: the image, intermediate
+                or ``results.sqlite``); no row is written then.
+        """
         relative = self.image_path(method, sample_id, seed)
         target = self.run_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -190,19 +278,26 @@ class ResultStore:
 
     def record_failed(self, *, job_id: str, method: str, sample_id: str, task: str, seed: int,
                       error: str) -> None:
-        """Record a failed job with its error message."""
+        """Record a failed job with its error message.
+
+        Raises:
+            OSError: the row cannot be written (``filename``: ``results.sqlite``).
+        """
         self._write(job_id, method, sample_id, task, seed, "failed", None, None, None, None, None,
                     error, None, None)
 
     def _write(self, *values: Any) -> None:
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         *head, uncached_nfe, intermediates = values
-        self._db.execute(
-            "INSERT OR REPLACE INTO results (job_id, method, sample_id, task, seed, status, "
-            "image_path, nfe, wall_seconds, model, params, error, finished_at, uncached_nfe, "
-            "intermediates) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (*head, now, uncached_nfe, intermediates),
-        )
+        try:
+            self._db.execute(
+                "INSERT OR REPLACE INTO results (job_id, method, sample_id, task, seed, status, "
+                "image_path, nfe, wall_seconds, model, params, error, finished_at, uncached_nfe, "
+                "intermediates) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*head, now, uncached_nfe, intermediates),
+            )
+        except sqlite3.OperationalError as err:  # a full or read-only disk: as an OSError
+            self._raise_disk_error(err)
 
     def judged(self, judge: str, protocol_version: str, mode: str) -> set[tuple[str, int]]:
         """(job id, repeat) pairs that hold a final judgement (ok, parse failure or refusal; an

@@ -10,7 +10,11 @@ generated (instruction, before, after) triplets. Sampling uses two classifier-fr
 
 Paper defaults: 100 steps of the Euler ancestral sampler (the checkpoint's scheduler), text guidance
 s_T = 7.5, image guidance s_I = 1.5. Wraps diffusers' ``StableDiffusionInstructPix2PixPipeline``,
-a faithful port of the authors' code. NFE = 3 * num_inference_steps (one batch of 3 per step).
+a faithful port of the authors' code.
+
+NFE = 3 * num_inference_steps (one batch of 3 per step) when ``guidance_scale`` > 1 and
+``image_guidance_scale`` >= 1, the condition under which diffusers guides; otherwise
+num_inference_steps: one unguided pass eps(z, c_I, c_T) per step, and both scales have no effect.
 
 Deviation: images are brought to the model's resolution by editeval's policy (long side 512 for the
 SD 1.5 checkpoint, sides multiples of 8) rather than the authors' multiples of 64.
@@ -36,7 +40,8 @@ CARD = MethodCard(
     model_kind="instruction",
     tasks=TASKS,
     defaults={"num_inference_steps": 100, "guidance_scale": 7.5, "image_guidance_scale": 1.5},
-    nfe_formula="3 * num_inference_steps",
+    nfe_formula="3 * num_inference_steps when guidance_scale > 1 and image_guidance_scale >= 1, "
+                "else num_inference_steps (no guidance: both scales have no effect)",
 )
 
 

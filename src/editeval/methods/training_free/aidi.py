@@ -56,6 +56,7 @@ from editeval.diffusion.ddim import (
     ddim_sample,
     ddim_scheduler,
     ddim_step,
+    model_noise,
     noise_levels,
     predict_noise,
 )
@@ -140,10 +141,10 @@ def aidi_invert(unet: Any, latents: torch.Tensor, scheduler: Any, cond: torch.Te
     trajectory = [latents.float()]
     for i, t in enumerate(timesteps):
         previous = trajectory[-1]
-        alpha_prev, alpha_t = alphas[i].to(previous), alphas[i + 1].to(previous)
+        alpha_prev, alpha_t = alphas[i], alphas[i + 1]
 
         def step(z: torch.Tensor) -> torch.Tensor:
-            noise = predict_noise(unet, z.to(unet.dtype), t, cond).float()
+            noise = predict_noise(unet, scheduler, z.to(unet.dtype), t, cond).float()
             return ddim_step(previous, noise, alpha_prev, alpha_t)
 
         trajectory.append(anderson_fixed_point(step, previous, num_fixed_point_iterations,
@@ -228,14 +229,13 @@ def blended_guidance_sample(unet: Any, latents: torch.Tensor, scheduler: Any,
         for i, t in enumerate(scheduler.timesteps):
             level = len(timesteps) - i
             batch = torch.cat([latents] * len(texts)).to(unet.dtype)
-            noise = unet(batch, t, encoder_hidden_states=torch.cat(texts)).sample.float()
+            noise = model_noise(unet, scheduler, batch, t, torch.cat(texts)).float()
             noise_source, noise_target = noise[-2:-1], noise[-1:]
             noise_edit = (noise[:1] + guidance_scale * (noise_target - noise[:1]) if guided
                           else noise_target)
             mask = (region.update(latents.shape[-2:]) > threshold).float()
             blended = mask.to(noise) * noise_edit + (1 - mask.to(noise)) * noise_source
-            latents = ddim_step(latents.float(), blended, alphas[level].to(blended),
-                                alphas[level - 1].to(blended))
+            latents = ddim_step(latents.float(), blended, alphas[level], alphas[level - 1])
     return latents, mask
 
 

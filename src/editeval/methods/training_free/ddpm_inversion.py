@@ -27,7 +27,8 @@ Defaults (the paper's Stable Diffusion editing settings, as in the official ``ma
 Deviations: the official code zeroes the noise map of the last step (to the clean level) after
 inverting, which breaks exact regeneration by that step's (small) noise; we keep it, so the
 defining property holds exactly. Where a scheduler's last level is 1 (``set_alpha_to_one``) that
-step has no noise (sigma 0) and its map is zero. The source latents are the VAE posterior mean.
+step has no noise (sigma 0) and its map is zero. The source latents are the VAE posterior mean,
+as in the official code (``latent_dist.mode()``).
 
 NFE = num_inference_steps * (2, or 1 with source_guidance_scale 1) (the inversion, all steps, so it
 serves any ``skip``) + (num_inference_steps - skip) * (2, or 1 with guidance_scale 1) (the edit).
@@ -43,7 +44,12 @@ import torch
 
 from editeval.core import EditInputs, MethodCard, MethodOutput, Paper, register_method
 from editeval.core.samples import TASKS
-from editeval.diffusion.ddim import ddim_scheduler, noise_levels, predict_noise
+from editeval.diffusion.ddim import (
+    ddim_scheduler,
+    noise_level_terms,
+    noise_levels,
+    predict_noise,
+)
 from editeval.diffusion.inversion_cache import cached_inversion, inversion_key
 from editeval.diffusion.latents import decode_latents, encode_image, encode_prompt
 
@@ -62,7 +68,7 @@ CARD = MethodCard(
     nfe_formula="2 * num_inference_steps + 2 * (num_inference_steps - skip)  (each term 1x when "
                 "its guidance scale is 1; the first is the inversion)",
     deviations="keeps the last step's noise map (the official code zeroes it), so regeneration "
-               "is exact; VAE posterior mean",
+               "is exact",
 )
 
 
@@ -76,11 +82,19 @@ def _step_levels(scheduler: Any) -> list[tuple[torch.Tensor, torch.Tensor, torch
 
 def _ddpm_mean(latents: torch.Tensor, noise: torch.Tensor, alpha_t: torch.Tensor,
                alpha_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation of the DDPM (eta 1) step from ``alpha_t`` to ``alpha_prev``."""
+    """Mean and standard deviation of the DDPM (eta 1) step from ``alpha_t`` to ``alpha_prev``.
+
+    The schedule terms are computed in float32 from the float32 alpha-bars, then cast to the
+    latents' dtype (:func:`~editeval.diffusion.ddim.noise_level_terms`).
+    """
+    alpha_t, alpha_prev = alpha_t.float(), alpha_prev.float()
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
-    x0 = (latents - (1 - alpha_t).sqrt() * noise) / alpha_t.sqrt()
-    mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - variance).clamp(min=0).sqrt() * noise
-    return mean, variance.sqrt()
+    sqrt_alpha, sqrt_one_minus = noise_level_terms(alpha_t, latents)
+    sqrt_alpha_prev, _ = noise_level_terms(alpha_prev, latents)
+    direction = (1 - alpha_prev - variance).clamp(min=0).sqrt().to(latents)
+    x0 = (latents - sqrt_one_minus * noise) / sqrt_alpha
+    mean = sqrt_alpha_prev * x0 + direction * noise
+    return mean, variance.sqrt().to(latents)
 
 
 @torch.no_grad()
@@ -107,13 +121,13 @@ def ddpm_invert(unet: Any, latents: torch.Tensor, scheduler: Any, cond: torch.Te
     noisy = []
     for _, alpha_t, _ in levels:
         draw = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-        alpha_t = alpha_t.to(latents)
-        noisy.append(alpha_t.sqrt() * latents + (1 - alpha_t).sqrt() * draw.to(latents))
+        sqrt_alpha, sqrt_one_minus = noise_level_terms(alpha_t, latents)
+        noisy.append(sqrt_alpha * latents + sqrt_one_minus * draw.to(latents))
     noisy.append(latents)
     noise_maps = []
     for k, (t, alpha_t, alpha_prev) in enumerate(levels):
-        noise = predict_noise(unet, noisy[k], t, cond, uncond, guidance_scale)
-        mean, sigma = _ddpm_mean(noisy[k], noise, alpha_t.to(noise), alpha_prev.to(noise))
+        noise = predict_noise(unet, scheduler, noisy[k], t, cond, uncond, guidance_scale)
+        mean, sigma = _ddpm_mean(noisy[k], noise, alpha_t, alpha_prev)
         z = (noisy[k + 1] - mean) / sigma if sigma > 0 else torch.zeros_like(mean)
         noisy[k + 1] = mean + sigma * z
         noise_maps.append(z)
@@ -139,8 +153,8 @@ def ddpm_sample(unet: Any, latents: torch.Tensor, noise_maps: list[torch.Tensor]
         raise ValueError(f"skip must be in [0, {len(levels)}), got {skip}")
     for k in range(skip, len(levels)):
         t, alpha_t, alpha_prev = levels[k]
-        noise = predict_noise(unet, latents, t, cond, uncond, guidance_scale)
-        mean, sigma = _ddpm_mean(latents, noise, alpha_t.to(noise), alpha_prev.to(noise))
+        noise = predict_noise(unet, scheduler, latents, t, cond, uncond, guidance_scale)
+        mean, sigma = _ddpm_mean(latents, noise, alpha_t, alpha_prev)
         latents = mean + sigma * noise_maps[k].to(mean)
     return latents
 

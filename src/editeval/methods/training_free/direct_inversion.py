@@ -16,13 +16,17 @@ Settings of the paper's PIE-Bench runs (``run_editing_p2p.py``): 50 DDIM steps, 
 cross-attention replaced for 0.4 of the steps, self-attention for 0.6, self-attention in layers up
 to 32 x 32 query tokens, local blend from 0.2 of the steps at threshold 0.3.
 
-Deviations: the official code computes the differences in a separate guided pass along the
-trajectory (2 x steps NFE) before editing; we take them during the editing pass, which gives the
-same differences (the source branch sees the same latents, prompt and attention: Prompt-to-Prompt
-never changes the source branch) for no extra NFE. Prompt-to-Prompt's deviations (blend resolution,
-automatic blend words).
+Deviations: the official code (``DirectInversion.offset_calculate``) computes the differences in a
+separate pass along the trajectory before editing, with both prompts under classifier-free
+guidance (a UNet batch of 4: 4 x steps NFE), and keeps only the source row's; we take them during
+the editing pass, which gives the same differences (the source branch sees the same latents,
+prompt and attention: Prompt-to-Prompt never changes the source branch) for no extra NFE.
+Prompt-to-Prompt's deviations (blend resolution, automatic blend words).
 
-NFE = num_inference_steps (DDIM inversion; 0 when cached) + 4 * num_inference_steps.
+NFE = num_inference_steps (DDIM inversion; 0 when cached) + 4 * num_inference_steps (the edit).
+The official code's edit costs num_inference_steps + 4 * num_inference_steps (the separate pass)
++ 4 * num_inference_steps; its ``edit_image_directinversion`` also samples a reconstruction for
+display (another 4 * num_inference_steps).
 """
 
 from __future__ import annotations
@@ -47,9 +51,10 @@ CARD = MethodCard(
     tasks=TASKS,
     defaults=p2p_defaults(0.4, 0.6, 0.2),
     nfe_formula="num_inference_steps (DDIM inversion; 0 when cached) + 4 * num_inference_steps",
-    deviations="source-branch differences taken during the editing pass instead of a separate "
-               "pass (same values, 2 * num_inference_steps fewer NFE); Prompt-to-Prompt's "
-               "deviations (blend resolution, automatic blend words)",
+    deviations="source-branch differences taken during the editing pass instead of the official "
+               "separate pass, which runs both prompts under guidance (same values, "
+               "4 * num_inference_steps fewer NFE); Prompt-to-Prompt's deviations (blend "
+               "resolution, automatic blend words)",
     note="Not in the survey's paper list (it would sit under inversion/sampling modification). "
          "The list's 'Direct inversion' (Elarabawy et al., arXiv:2211.07825) is another method.",
 )

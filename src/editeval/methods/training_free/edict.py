@@ -97,10 +97,10 @@ def _steps(scheduler: Any, num_steps: int | None) -> list[tuple[torch.Tensor, to
             for k in range(count - num_steps, count)]
 
 
-def _noise(unet: Any, latents: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor,
-           uncond: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
+def _noise(unet: Any, scheduler: Any, latents: torch.Tensor, timestep: torch.Tensor,
+           cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
     """The (guided) noise prediction at float64 ``latents``, as float64."""
-    return predict_noise(unet, latents.to(unet.dtype), timestep, cond, uncond,
+    return predict_noise(unet, scheduler, latents.to(unet.dtype), timestep, cond, uncond,
                          guidance_scale).double()
 
 
@@ -135,10 +135,10 @@ def edict_invert(unet: Any, latents: torch.Tensor, scheduler: Any, cond: torch.T
         pair[1] = (pair[1] - (1 - p) * pair[0]) / p  # un-mix, y then x
         pair[0] = (pair[0] - (1 - p) * pair[1]) / p
         first, second = i % 2, 1 - i % 2
-        pair[second] = ddim_step(pair[second], _noise(unet, pair[first], t, cond, uncond,
-                                                      guidance_scale), alpha_prev, alpha_t)
-        pair[first] = ddim_step(pair[first], _noise(unet, pair[second], t, cond, uncond,
-                                                    guidance_scale), alpha_prev, alpha_t)
+        noise = _noise(unet, scheduler, pair[first], t, cond, uncond, guidance_scale)
+        pair[second] = ddim_step(pair[second], noise, alpha_prev, alpha_t)
+        noise = _noise(unet, scheduler, pair[second], t, cond, uncond, guidance_scale)
+        pair[first] = ddim_step(pair[first], noise, alpha_prev, alpha_t)
     return pair[0], pair[1]
 
 
@@ -157,10 +157,10 @@ def edict_denoise(unet: Any, pair: Pair, scheduler: Any, cond: torch.Tensor,
     pair_ = [pair[0].double(), pair[1].double()]
     for i, (t, alpha_t, alpha_prev) in enumerate(_steps(scheduler, num_steps)):
         first, second = i % 2, 1 - i % 2
-        pair_[first] = ddim_step(pair_[first], _noise(unet, pair_[second], t, cond, uncond,
-                                                      guidance_scale), alpha_t, alpha_prev)
-        pair_[second] = ddim_step(pair_[second], _noise(unet, pair_[first], t, cond, uncond,
-                                                        guidance_scale), alpha_t, alpha_prev)
+        noise = _noise(unet, scheduler, pair_[second], t, cond, uncond, guidance_scale)
+        pair_[first] = ddim_step(pair_[first], noise, alpha_t, alpha_prev)
+        noise = _noise(unet, scheduler, pair_[first], t, cond, uncond, guidance_scale)
+        pair_[second] = ddim_step(pair_[second], noise, alpha_t, alpha_prev)
         pair_[0] = p * pair_[0] + (1 - p) * pair_[1]  # mixing layers, x then y
         pair_[1] = p * pair_[1] + (1 - p) * pair_[0]
     return pair_[0], pair_[1]

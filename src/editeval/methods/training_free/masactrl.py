@@ -176,11 +176,7 @@ def masactrl(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
     if start_step < 0:
         raise ValueError(f"masactrl: start_step must be >= 0, got {start_step}")
     layers = masactrl_layers(pipe.unet, start_layer)
-    mask = None
-    if inputs.mask is not None:
-        mask = torch.from_numpy(np.asarray(inputs.mask) > 127)
-        if mask.all() or not mask.any():  # a full or empty mask separates nothing
-            mask = None
+    mask = None if inputs.mask is None else torch.from_numpy(np.asarray(inputs.mask) > 127)
     source_latents, cached = invert_unconditional(pipe, inputs, num_inference_steps,
                                                   num_inference_steps)
     empty = encode_prompt(pipe, "")
