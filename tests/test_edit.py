@@ -263,6 +263,28 @@ def test_every_input_is_checked_before_the_model_loads(photo, no_model, fields, 
     assert no_model == []
 
 
+# one value out of range per method with a range check: the check must run before the model
+# loads (a method that checked inside its body, after load_pipeline, fails with no_model != [])
+@pytest.mark.parametrize("method, params, message", [
+    ("sdedit", {"strength": 2.0}, r"strength must be in \(0, 1\], got 2.0"),
+    ("sdedit", {"strength": 0.01, "num_inference_steps": 10}, "leaves no denoising step"),
+    ("pnp", {"feature_injection": 1.5}, r"feature_injection is a fraction .* got 1.5"),
+    ("p2p", {"inversion": "ddpm"}, "inversion must be one of ddim, null-text"),
+    ("null-text", {"blend_threshold": 1.0}, r"null-text: blend_threshold must be in \(0, 1\)"),
+    ("direct-inversion", {"cross_replace_steps": -0.1}, "cross_replace_steps is a fraction"),
+    ("ddpm-inversion", {"skip": 100}, r"skip must be in \[0, 100\)"),
+    ("edict", {"mix_weight": 0.0}, r"mix_weight must be in \(0, 1\]"),
+    ("masactrl", {"start_layer": 16}, "0..15; got 16"),
+    ("aidi", {"anderson_memory": -1}, "anderson_memory must be >= 0"),
+])
+def test_a_parameter_out_of_range_is_refused_before_the_model_loads(photo, no_model, method,
+                                                                    params, message):
+    request = EditRequest(photo, source_prompt="a cat", target_prompt="a dog", params=params)
+    with pytest.raises(ValueError, match=message):
+        edit(request, method, model="tiny")
+    assert no_model == []
+
+
 def test_a_black_mask_is_refused_before_the_model_loads(photo, tmp_path, no_model):
     black = _mask(tmp_path, "black.png", (120, 90))
     with pytest.raises(MaskError, match="all black"):

@@ -302,12 +302,11 @@ def edit(
 
     Warns:
         EditInputWarning: an input the method does not use, a truncated prompt, identical
-            prompts for a prompt-pair method, a dataset's all-white mask taken as none (each also
-            in the result's ``warnings``).
+            prompts for a prompt-pair method (each also in the result's ``warnings``).
     """
     registered = get_method(method)
     card = registered.card
-    params = card.resolve_params(request.params)
+    params = registered.resolve_params(request.params)
     checked = check_request(request, card)
     _warn(checked.warnings)
     if pipe is None:

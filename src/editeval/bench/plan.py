@@ -89,8 +89,8 @@ def plan_run(config: RunConfig, run: Run) -> Plan:
     for name in config.params:
         if name not in cards:
             raise ValueError(f"parameters given for {name!r}, which is not among --methods")
-    for name, card in cards.items():
-        card.resolve_params(config.params.get(name, {}))  # unknown names fail before the run
+    for name in cards:  # unknown names and values out of range fail before the run
+        get_method(name).resolve_params(config.params.get(name, {}))
     samples = run.dataset.select(config.tasks or None, config.limit, config.per_task)
     check_inputs(cards, samples, config.dataset)
     jobs = plan_jobs(samples, config.methods, config.seeds)

@@ -131,8 +131,25 @@ MethodFn = Callable[..., MethodOutput]
 
 @dataclass(frozen=True)
 class RegisteredMethod:
+    """A method's card, its function and its parameter check (``check(**params)`` raises
+    ``ValueError`` for a value out of range; ``None`` when every value of the right type works)."""
+
     card: MethodCard
     fn: MethodFn
+    check: Callable[..., None] | None = None
+
+    def resolve_params(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """:meth:`MethodCard.resolve_params`, then the method's range check: every parameter is
+        known, typed and in range before a model loads.
+
+        Raises:
+            ValueError: an unknown name, a value that cannot be cast, or one out of range (the
+                message names the method, the parameter and its range).
+        """
+        params = self.card.resolve_params(overrides)
+        if self.check is not None:
+            self.check(**params)
+        return params
 
 
 _REGISTRY: dict[str, RegisteredMethod] = {}
@@ -142,8 +159,11 @@ ENTRY_POINT_GROUP = "editeval.methods"
 """Entry point group whose modules register methods when imported."""
 
 
-def register_method(card: MethodCard) -> Callable[[MethodFn], MethodFn]:
-    """Decorator: register ``fn`` under ``card.name``.
+def register_method(card: MethodCard, check: Callable[..., None] | None = None
+                    ) -> Callable[[MethodFn], MethodFn]:
+    """Decorator: register ``fn`` under ``card.name``, with ``check(**params)``, the parameter
+    range check that :meth:`RegisteredMethod.resolve_params` runs before any model loads (so a
+    method's body need not check what does not depend on the model).
 
     Raises:
         ValueError: the name is registered already, or ``fn``'s keyword-only parameters are not the
@@ -155,7 +175,7 @@ def register_method(card: MethodCard) -> Callable[[MethodFn], MethodFn]:
         if card.name in _REGISTRY:
             raise ValueError(f"method {card.name!r} is registered twice")
         check_signature(card, fn)
-        _REGISTRY[card.name] = RegisteredMethod(card, fn)
+        _REGISTRY[card.name] = RegisteredMethod(card, fn, check)
         return fn
 
     return decorator

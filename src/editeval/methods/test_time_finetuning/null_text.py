@@ -39,7 +39,11 @@ import torch
 from editeval.core import EditInputs, MethodCard, MethodOutput, Paper, register_method
 from editeval.core.samples import TASKS
 from editeval.diffusion.inversion import NULL_TEXT_EPSILON, NULL_TEXT_INNER_STEPS
-from editeval.methods.training_free.prompt_to_prompt import p2p_defaults, run_prompt_to_prompt
+from editeval.methods.training_free.prompt_to_prompt import (
+    p2p_check,
+    p2p_defaults,
+    run_prompt_to_prompt,
+)
 
 CARD = MethodCard(
     name="null-text",
@@ -65,7 +69,7 @@ CARD = MethodCard(
 )
 
 
-@register_method(CARD)
+@register_method(CARD, check=p2p_check(CARD.name))
 def null_text(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
               null_text_inner_steps: int, early_stop_epsilon: float, **params: Any) -> MethodOutput:
     """Invert with null-text inversion, edit with Prompt-to-Prompt (module docstring)."""

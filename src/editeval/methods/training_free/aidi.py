@@ -239,11 +239,8 @@ def blended_guidance_sample(unet: Any, latents: torch.Tensor, scheduler: Any,
     return latents, mask
 
 
-@register_method(CARD)
-def aidi(pipe: Any, inputs: EditInputs, generator: torch.Generator, *, num_inference_steps: int,
-         num_fixed_point_iterations: int, anderson_memory: int, guidance_scale: float,
-         blend_threshold: float) -> MethodOutput:
-    """Edit ``inputs.image`` from its source prompt towards its target prompt (see the module)."""
+def _check(*, num_inference_steps: int, num_fixed_point_iterations: int, anderson_memory: int,
+           blend_threshold: float, **_: Any) -> None:
     if num_inference_steps < 1:
         raise ValueError(f"aidi: num_inference_steps must be >= 1, got {num_inference_steps}")
     if num_fixed_point_iterations < 1:
@@ -253,6 +250,13 @@ def aidi(pipe: Any, inputs: EditInputs, generator: torch.Generator, *, num_infer
         raise ValueError(f"aidi: anderson_memory must be >= 0, got {anderson_memory}")
     if not 0.0 <= blend_threshold <= 1.0:
         raise ValueError(f"aidi: blend_threshold must be in [0, 1], got {blend_threshold}")
+
+
+@register_method(CARD, check=_check)
+def aidi(pipe: Any, inputs: EditInputs, generator: torch.Generator, *, num_inference_steps: int,
+         num_fixed_point_iterations: int, anderson_memory: int, guidance_scale: float,
+         blend_threshold: float) -> MethodOutput:
+    """Edit ``inputs.image`` from its source prompt towards its target prompt (see the module)."""
     scheduler = ddim_scheduler(pipe, num_inference_steps)
     source = encode_prompt(pipe, inputs.source_prompt)
     key = inversion_key(kind="aidi", image=inputs.image, prompt=inputs.source_prompt, pipe=pipe,

@@ -164,17 +164,20 @@ def _generator_digest(generator: torch.Generator) -> str:
     return hashlib.sha256(np.asarray(generator.get_state()).tobytes()).hexdigest()
 
 
-@register_method(CARD)
-def ddpm_inversion(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
-                   num_inference_steps: int, source_guidance_scale: float, guidance_scale: float,
-                   skip: int) -> MethodOutput:
-    """Edit ``inputs.image`` from its source prompt towards its target prompt (see the module)."""
+def _check(*, num_inference_steps: int, skip: int, **_: Any) -> None:
     if num_inference_steps < 1:
         raise ValueError(f"ddpm-inversion: num_inference_steps must be >= 1, got "
                          f"{num_inference_steps}")
     if not 0 <= skip < num_inference_steps:
         raise ValueError(f"ddpm-inversion: skip must be in [0, {num_inference_steps}) (below "
                          f"num_inference_steps), got {skip}")
+
+
+@register_method(CARD, check=_check)
+def ddpm_inversion(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
+                   num_inference_steps: int, source_guidance_scale: float, guidance_scale: float,
+                   skip: int) -> MethodOutput:
+    """Edit ``inputs.image`` from its source prompt towards its target prompt (see the module)."""
     scheduler = ddim_scheduler(pipe, num_inference_steps)
     uncond = encode_prompt(pipe, "")
     key = inversion_key(kind="ddpm-edit-friendly", image=inputs.image,

@@ -37,7 +37,11 @@ import torch
 
 from editeval.core import EditInputs, MethodCard, MethodOutput, Paper, register_method
 from editeval.core.samples import TASKS
-from editeval.methods.training_free.prompt_to_prompt import p2p_defaults, run_prompt_to_prompt
+from editeval.methods.training_free.prompt_to_prompt import (
+    p2p_check,
+    p2p_defaults,
+    run_prompt_to_prompt,
+)
 
 CARD = MethodCard(
     name="direct-inversion",
@@ -60,7 +64,7 @@ CARD = MethodCard(
 )
 
 
-@register_method(CARD)
+@register_method(CARD, check=p2p_check(CARD.name))
 def direct_inversion(pipe: Any, inputs: EditInputs, generator: torch.Generator,
                      **params: Any) -> MethodOutput:
     """Edit with Prompt-to-Prompt, the source branch locked to the DDIM trajectory."""

@@ -186,19 +186,23 @@ def edict_reconstruct(pipe: Any, image: Image.Image, prompt: str = "",
     return Reconstruction(decode_latents(pipe, restored), latents.double(), inverted[0], restored)
 
 
-@register_method(CARD)
-def edict(pipe: Any, inputs: EditInputs, generator: torch.Generator, *, num_inference_steps: int,
-          guidance_scale: float, mix_weight: float, init_image_strength: float) -> MethodOutput:
-    """Edit ``inputs.image`` from its source prompt towards its target prompt (see the module)."""
+def _check(*, num_inference_steps: int, mix_weight: float, init_image_strength: float,
+           **_: Any) -> None:
     _check_mix_weight(mix_weight)
     if not 0.0 < init_image_strength <= 1.0:
         raise ValueError(f"edict: init_image_strength must be in (0, 1], got {init_image_strength}")
-    num_steps = int(num_inference_steps * init_image_strength)
-    if num_steps < 1:
+    if int(num_inference_steps * init_image_strength) < 1:
         raise ValueError(
             f"edict: init_image_strength {init_image_strength} x num_inference_steps "
             f"{num_inference_steps} leaves no step to invert; raise either"
         )
+
+
+@register_method(CARD, check=_check)
+def edict(pipe: Any, inputs: EditInputs, generator: torch.Generator, *, num_inference_steps: int,
+          guidance_scale: float, mix_weight: float, init_image_strength: float) -> MethodOutput:
+    """Edit ``inputs.image`` from its source prompt towards its target prompt (see the module)."""
+    num_steps = int(num_inference_steps * init_image_strength)
     scheduler = ddim_scheduler(pipe, num_inference_steps)
     uncond = encode_prompt(pipe, "") if guidance_scale != 1.0 else None
     key = inversion_key(kind="edict", image=inputs.image, prompt=inputs.source_prompt, pipe=pipe,

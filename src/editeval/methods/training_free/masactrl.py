@@ -163,7 +163,15 @@ class MutualSelfAttention(AttentionController):
         return torch.cat([probs[:1], target.to(probs.dtype)])
 
 
-@register_method(CARD)
+def _check(*, start_step: int, start_layer: int, **_: Any) -> None:
+    if start_step < 0:
+        raise ValueError(f"masactrl: start_step must be >= 0, got {start_step}")
+    if not 0 <= start_layer < SD15_SELF_ATTENTION_LAYERS:
+        raise ValueError(f"masactrl: start_layer counts SD 1.5's 16 self-attention layers, "
+                         f"0..15; got {start_layer}")
+
+
+@register_method(CARD, check=_check)
 def masactrl(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
              num_inference_steps: int, guidance_scale: float, start_step: int,
              start_layer: int) -> MethodOutput:
@@ -173,8 +181,6 @@ def masactrl(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
     (1, 4, h, w) ``source_latents`` (the source branch: the reconstruction) and ``latents``.
     Deterministic: ``generator`` is unused.
     """
-    if start_step < 0:
-        raise ValueError(f"masactrl: start_step must be >= 0, got {start_step}")
     layers = masactrl_layers(pipe.unet, start_layer)
     mask = None if inputs.mask is None else torch.from_numpy(np.asarray(inputs.mask) > 127)
     source_latents, cached = invert_unconditional(pipe, inputs, num_inference_steps,

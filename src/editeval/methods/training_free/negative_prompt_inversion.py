@@ -30,7 +30,11 @@ import torch
 
 from editeval.core import EditInputs, MethodCard, MethodOutput, Paper, register_method
 from editeval.core.samples import TASKS
-from editeval.methods.training_free.prompt_to_prompt import p2p_defaults, run_prompt_to_prompt
+from editeval.methods.training_free.prompt_to_prompt import (
+    p2p_check,
+    p2p_defaults,
+    run_prompt_to_prompt,
+)
 
 CARD = MethodCard(
     name="negative-prompt-inversion",
@@ -48,7 +52,7 @@ CARD = MethodCard(
 )
 
 
-@register_method(CARD)
+@register_method(CARD, check=p2p_check(CARD.name))
 def negative_prompt_inversion(pipe: Any, inputs: EditInputs, generator: torch.Generator,
                               **params: Any) -> MethodOutput:
     """Invert with negative-prompt inversion, edit with Prompt-to-Prompt (module docstring)."""

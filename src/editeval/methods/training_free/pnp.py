@@ -164,7 +164,14 @@ class FeatureInjection:
         return output[:1].expand_as(output).contiguous() if self.active else output
 
 
-@register_method(CARD)
+def _check(*, feature_injection: float, attention_injection: float, **_: Any) -> None:
+    for name, value in (("feature_injection", feature_injection),
+                        ("attention_injection", attention_injection)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"pnp: {name} is a fraction of the steps in [0, 1], got {value}")
+
+
+@register_method(CARD, check=_check)
 def plug_and_play(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
                   num_inference_steps: int, guidance_scale: float, negative_prompt: str,
                   feature_injection: float, attention_injection: float,
@@ -176,10 +183,6 @@ def plug_and_play(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
     clean (1, 4, h, w) ``latents``.
     Deterministic: ``generator`` is unused.
     """
-    for name, value in (("feature_injection", feature_injection),
-                        ("attention_injection", attention_injection)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"pnp: {name} is a fraction of the steps in [0, 1], got {value}")
     feature_layer, attention_layers = pnp_layers(pipe.unet)
     source_latents, cached = invert_unconditional(pipe, inputs, num_inference_steps,
                                                   inversion_steps)

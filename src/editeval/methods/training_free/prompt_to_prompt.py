@@ -55,6 +55,7 @@ null-text inversion adds its optimisation (see ``null-text``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -162,6 +163,28 @@ def p2p_defaults(cross_replace_steps: float, self_replace_steps: float,
             "equalizer": ""}
 
 
+def p2p_check(method: str) -> Callable[..., None]:
+    """The parameter check of a Prompt-to-Prompt family card named ``method`` (for
+    :func:`~editeval.core.registry.register_method`); ``inversion`` is checked where the card has it."""
+    def check(*, num_inference_steps: int, cross_replace_steps: float, self_replace_steps: float,
+              blend_threshold: float, blend_start: float, **params: Any) -> None:
+        if params.get("inversion", INVERSIONS[0]) not in INVERSIONS:
+            raise ValueError(f"{method}: inversion must be one of {', '.join(INVERSIONS)}, "
+                             f"got {params['inversion']!r}")
+        for name, value in (("cross_replace_steps", cross_replace_steps),
+                            ("self_replace_steps", self_replace_steps),
+                            ("blend_start", blend_start)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{method}: {name} is a fraction of the steps in [0, 1], "
+                                 f"got {value}")
+        if not 0.0 < blend_threshold < 1.0:
+            raise ValueError(f"{method}: blend_threshold must be in (0, 1), got {blend_threshold}")
+        if num_inference_steps < 1:
+            raise ValueError(f"{method}: num_inference_steps must be >= 1, got "
+                             f"{num_inference_steps}")
+    return check
+
+
 def run_prompt_to_prompt(pipe: Any, inputs: EditInputs, *, inversion: str,
                          num_inference_steps: int, guidance_scale: float,
                          cross_replace_steps: float, self_replace_steps: float, local_blend: bool,
@@ -175,21 +198,11 @@ def run_prompt_to_prompt(pipe: Any, inputs: EditInputs, *, inversion: str,
     ``inversion_cached``, ``alignment`` (replace/refine), ``blend_words`` (source, target) and
     ``null_text_iterations`` (null-text optimisation iterations; 0 for other inversions).
 
+    Parameters are in range (:func:`p2p_check`, run by ``edit()`` before the model loads).
+
     Raises:
-        ValueError: a parameter out of range, a prompt longer than the text
-            encoder takes, or an equalizer word missing from the target prompt.
+        ValueError: an equalizer word missing from the target prompt.
     """
-    if inversion not in INVERSIONS:
-        raise ValueError(f"{method}: inversion must be one of {', '.join(INVERSIONS)}, "
-                         f"got {inversion!r}")
-    for name, value in (("cross_replace_steps", cross_replace_steps),
-                        ("self_replace_steps", self_replace_steps), ("blend_start", blend_start)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{method}: {name} is a fraction of the steps in [0, 1], got {value}")
-    if not 0.0 < blend_threshold < 1.0:
-        raise ValueError(f"{method}: blend_threshold must be in (0, 1), got {blend_threshold}")
-    if num_inference_steps < 1:
-        raise ValueError(f"{method}: num_inference_steps must be >= 1, got {num_inference_steps}")
     alignment = align_prompts(pipe.tokenizer, inputs.source_prompt, inputs.target_prompt)
     scales = parse_equalizer(pipe.tokenizer, inputs.target_prompt, equalizer) if equalizer else None
     source = invert_source(pipe, inputs.image, inputs.source_prompt, inversion,
@@ -238,7 +251,7 @@ CARD = MethodCard(
 )
 
 
-@register_method(CARD)
+@register_method(CARD, check=p2p_check(CARD.name))
 def prompt_to_prompt(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
                      inversion: str, **params: Any) -> MethodOutput:
     """Edit ``inputs.image`` from the source prompt to the target prompt (module docstring)."""

@@ -36,7 +36,11 @@ import torch
 from editeval.core import EditInputs, MethodCard, MethodOutput, Paper, register_method
 from editeval.core.samples import TASKS
 from editeval.diffusion.inversion import PROX_DILATE, PROX_QUANTILE, PROX_RECON_LR, PROX_RECON_T
-from editeval.methods.training_free.prompt_to_prompt import p2p_defaults, run_prompt_to_prompt
+from editeval.methods.training_free.prompt_to_prompt import (
+    p2p_check,
+    p2p_defaults,
+    run_prompt_to_prompt,
+)
 
 CARD = MethodCard(
     name="proxedit",
@@ -56,7 +60,7 @@ CARD = MethodCard(
 )
 
 
-@register_method(CARD)
+@register_method(CARD, check=p2p_check(CARD.name))
 def proxedit(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
              proximal_quantile: float, recon_lr: float, recon_t: int, dilate_mask: int,
              **params: Any) -> MethodOutput:

@@ -56,10 +56,7 @@ def _img2img(pipe: Any):
     return img2img
 
 
-@register_method(CARD)
-def sdedit(pipe: Any, inputs: EditInputs, generator: torch.Generator, *, strength: float,
-           num_inference_steps: int, guidance_scale: float, eta: float) -> MethodOutput:
-    """Edit ``inputs.image`` towards ``inputs.target_prompt`` (see the module docstring)."""
+def _check(*, strength: float, num_inference_steps: int, **_: Any) -> None:
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"sdedit: strength must be in (0, 1], got {strength}")
     if int(num_inference_steps * strength) < 1:
@@ -67,6 +64,12 @@ def sdedit(pipe: Any, inputs: EditInputs, generator: torch.Generator, *, strengt
             f"sdedit: strength {strength} x num_inference_steps {num_inference_steps} leaves no "
             "denoising step; raise either"
         )
+
+
+@register_method(CARD, check=_check)
+def sdedit(pipe: Any, inputs: EditInputs, generator: torch.Generator, *, strength: float,
+           num_inference_steps: int, guidance_scale: float, eta: float) -> MethodOutput:
+    """Edit ``inputs.image`` towards ``inputs.target_prompt`` (see the module docstring)."""
     image = _img2img(pipe)(
         prompt=inputs.target_prompt,
         image=inputs.image,
