@@ -30,6 +30,7 @@ from typing import Any
 from PIL import Image
 
 from editeval.data.images import load_image
+from editeval.core.files import atomic_write
 from editeval.core.samples import Sample
 from editeval.judge.parsing import ImageScores, ParseFailure, parse_scores
 from editeval.judge.protocol import SYSTEM_PROMPT, Protocol
@@ -125,9 +126,8 @@ class ResponseCache:
     def put(self, key: str, request: dict, response: dict) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"request": request, "response": response}))
-        os.replace(tmp, path)
+        text = json.dumps({"request": request, "response": response})
+        atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def encode_image(path: str | os.PathLike, max_side: int) -> str:

@@ -9,10 +9,11 @@ records the architecture it was trained with.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
+
+from editeval.core.files import atomic_write
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                 beta_schedule="scaled_linear")
@@ -105,11 +106,10 @@ def save_checkpoint(path: Path, model: torch.nn.Module, step: int, *, optimizer:
     ``restart`` is the restarted cosine schedule the run follows (``Checkpointed.train``), or
     None for the stage's own schedule from step 0.
     """
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "config": model_config(model),
-                "optimizer": optimizer, "step": step, "warmup_from": warmup_from,
-                "restart": restart, "numpy_rng": numpy_rng, "torch_rng": torch_rng}, tmp)
-    os.replace(tmp, path)
+    state = {"model": model.state_dict(), "config": model_config(model), "optimizer": optimizer,
+             "step": step, "warmup_from": warmup_from, "restart": restart,
+             "numpy_rng": numpy_rng, "torch_rng": torch_rng}
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def read_latent_scale(work: Path) -> float:

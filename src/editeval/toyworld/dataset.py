@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from editeval.core.files import atomic_write
 from editeval.core.samples import TASKS, Dataset, DatasetError, Sample
 from editeval.toyworld.oracle import EditScore, psnr, score_edit
 from editeval.toyworld.pairs import sample_pair
@@ -52,9 +53,8 @@ def build_split(root: Path) -> None:
             })
     manifest = {"name": "editeval-toy", "version": SPLIT_VERSION, "seed": SPLIT_SEED,
                 "samples": records}
-    tmp = root / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, root / "manifest.json")  # written last: a complete split or none
+    # written last: a complete split or none
+    atomic_write(root / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 
 def load_editeval_toy(root: str | os.PathLike | None = None) -> Dataset:
