@@ -356,6 +356,21 @@ def test_oracle_judge_and_leaderboard(toy_run, tmp_path, monkeypatch):
         assert printed.output == saved.read_text()
 
 
+def test_score_on_a_full_disk_is_one_line(toy_run, monkeypatch):
+    import errno
+
+    from editeval.run.store import ResultStore
+
+    def full(self, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(toy_run / "results.sqlite"))
+
+    monkeypatch.setattr(ResultStore, "record_judgement", full)
+    result = CliRunner().invoke(app, ["score", str(toy_run), "--judge", "oracle"])
+    # before: the OSError escaped the command as a traceback (CliRunner keeps it as .exception)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert "error: [Errno 28] No space left on device" in result.output
+
+
 def test_custom_template(tmp_path):
     template = tmp_path / "mine.txt"
     template.write_text("Judge the {task} edit '{instruction}' over {n_images} images.")

@@ -22,6 +22,8 @@ LAYERS = [
     ["editing"],
     ["run"],
     ["bench", "metrics", "judge"],
+    ["study"],
+    ["report"],
     ["toylab"],
     ["cli", "__init__"],
 ]

@@ -63,6 +63,9 @@ def _clean_errors() -> Iterator[None]:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         errors.print(f"[red]error:[/red] {message}", highlight=False)
         raise typer.Exit(2) from None
+    except OSError as err:  # a full or read-only disk, a folder without permission: not a usage error
+        errors.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(1) from None
 
 
 def _parse_params(items: list[str], qualified: bool) -> dict[str, Any]:
@@ -384,6 +387,22 @@ def methods(
 
 
 @app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `editeval bench` (scored or not).")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Report folder (default RUN_DIR/report); a rebuild redoes only what changed.")] = None,
+    judge: Annotated[str | None, typer.Option(help="Which judge's LMM Score, when a run has several.")] = None,
+) -> None:
+    """An HTML report of a run (leaderboard, plots, one image grid row per sample, filters; opens
+    offline by double-click) and Leaderboard.md beside it."""
+    from editeval.report import build_report
+    from editeval.run import Run
+
+    with _clean_errors(), Run.open(run_dir) as run:
+        index = build_report(run, output, judge=judge)
+    console.print(f"wrote {index} and {index.parent / 'Leaderboard.md'}", highlight=False)
+
+
+@app.command()
 def models() -> None:
     """List the model suites and short names."""
     from editeval.models import ALIASES, KINDS, SUITES
@@ -439,6 +458,133 @@ def implemented_papers() -> dict[tuple[str, str], str]:
         if paper is not None:
             found[(paper.title, paper.subcategory)] = card.name
     return found
+
+
+study_app = typer.Typer(help="The user study: raters score a run's edits blind to the method in a "
+                                  "web app; the analysis compares them with LMM Score and the metrics.",
+                             no_args_is_help=True)
+app.add_typer(study_app, name="study")
+RunDir = Annotated[Path, typer.Argument(help="A run directory made by `editeval bench`.")]
+LinkBase = Annotated[str, typer.Option("--url", help="Where raters reach `editeval study serve` (printed links start with it).")]
+
+
+def _print_links(raters: list, url: str, store) -> None:
+    table = Table()
+    for column in ("rater", "link", "done", "revoked"):
+        table.add_column(column)
+    for rater in raters:
+        progress = store.progress(rater.rater_id)
+        table.add_row(rater.name, f"{url.rstrip('/')}/r/{rater.token}",
+                      f"{progress.done}/{progress.total}", "yes" if rater.revoked_at else "")
+    console.print(table)
+
+
+@study_app.command("add-raters")
+def study_add_raters(
+    run_dir: RunDir,
+    count: Annotated[int, typer.Argument(min=1, help="How many raters to create.")],
+    k: Annotated[int | None, typer.Option("--k", help="Ratings each edit should get, from different raters (default 3; kept once set).")] = None,
+    layout: Annotated[str | None, typer.Option(help="survey (all methods' edits of one source on a page, the survey's) or per-edit (default survey; fixed once rated).")] = None,
+    url: LinkBase = "http://127.0.0.1:8000",
+) -> None:
+    """Create raters, each with a private link, and balance the work among all raters."""
+    from editeval.run import Run
+    from editeval.study import StudyStore
+
+    with _clean_errors(), Run.open(run_dir) as run, StudyStore(run) as store:
+        settings = store.configure(k, layout)
+        made = store.add_raters(count)
+        shortfall = store.replan()
+        _print_links(made, url, store)
+        console.print(f"{len(store.units())} pages ({settings['layout']} layout), "
+                      f"k = {settings['k']}; links are secret: send each rater only theirs")
+        if shortfall:
+            errors.print(f"[yellow]warning:[/yellow] {len(shortfall)} pages cannot get "
+                         f"{settings['k']} raters yet: add raters or lower --k", highlight=False)
+
+
+@study_app.command("raters")
+def study_raters(run_dir: RunDir, url: LinkBase = "http://127.0.0.1:8000") -> None:
+    """List the raters, their links and progress."""
+    from editeval.run import Run
+    from editeval.study import StudyStore
+
+    with _clean_errors(), Run.open(run_dir) as run, StudyStore(run) as store:
+        _print_links(store.raters(), url, store)
+
+
+@study_app.command("revoke")
+def study_revoke(
+    run_dir: RunDir,
+    rater: Annotated[int, typer.Argument(help="The rater's number (see `editeval study raters`).")],
+) -> None:
+    """Revoke a rater's link (their ratings stay); their unstarted pages go to other raters."""
+    from editeval.run import Run
+    from editeval.study import StudyStore
+
+    with _clean_errors(), Run.open(run_dir) as run, StudyStore(run) as store:
+        store.revoke(rater)
+    console.print(f"revoked rater {rater}")
+
+
+@study_app.command("serve")
+def study_serve(
+    run_dir: RunDir,
+    host: Annotated[str, typer.Option(help="Interface to listen on; 127.0.0.1 (this machine only) unless you mean to open the study to a network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+) -> None:
+    """Serve the rating pages; every rating is stored the moment it is given."""
+    import uvicorn
+
+    from editeval.study.app import create_app
+
+    with _clean_errors():
+        web = create_app(run_dir)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        errors.print(f"[yellow]note:[/yellow] listening on {host}: anyone who can reach it and "
+                     "knows a rater link can rate", highlight=False)
+    console.print(f"serving {run_dir} on http://{host}:{port} (Ctrl+C stops; ratings are kept)")
+    uvicorn.run(web, host=host, port=port, log_level="warning")
+
+
+@study_app.command("simulate")
+def study_simulate(
+    run_dir: RunDir,
+    raters: Annotated[int, typer.Option(help="Simulated raters to add.")] = 5,
+    noise: Annotated[float, typer.Option(help="Their noise: standard deviation, in rating points, added to the oracle's score before rounding (docs/study.md).")] = 1.5,
+    k: Annotated[int | None, typer.Option("--k", help="Ratings per edit.")] = None,
+    layout: Annotated[str | None, typer.Option(help="survey or per-edit.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
+) -> None:
+    """Toy world: raters who rate as the oracle plus noise, to check the analysis on a known answer."""
+    from editeval.run import Run
+    from editeval.study.simulate import simulate_raters
+
+    with _clean_errors(), Run.open(run_dir) as run:
+        done = simulate_raters(run, raters, noise=noise, k=k, layout=layout, seed=seed)
+    console.print(f"{len(done.raters)} simulated raters stored {done.ratings} ratings "
+                  f"(noise {noise}); planted Pearson r with LMM Score: " + ", ".join(
+                      f"{name} {value:.3f}" for name, value in done.planted.items()))
+
+
+@study_app.command("analyze")
+def study_analyze(
+    run_dir: RunDir,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for the CSVs and figures (default RUN_DIR/study).")] = None,
+    judge: Annotated[str | None, typer.Option(help="Which judge's LMM Score, when a run has several.")] = None,
+    resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples for the confidence intervals.")] = 1000,
+    confidence: Annotated[float, typer.Option(min=0.5, max=0.999, help="Confidence level of the intervals.")] = 0.95,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+) -> None:
+    """Rater agreement, LMM Score's and the metrics' correlation with the human mean, figures, CSV."""
+    from editeval.run import Run
+    from editeval.study.analyze import analyze, to_markdown
+
+    with _clean_errors(), Run.open(run_dir) as run:
+        result = analyze(run, output, judge=judge, resamples=resamples, confidence=confidence,
+                         seed=seed)
+    console.print(to_markdown(result, confidence), markup=False, highlight=False)
+    console.print("wrote " + ", ".join(str(p) for p in result.files.values()), highlight=False)
 
 
 if __name__ == "__main__":
