@@ -27,9 +27,12 @@ def chromium_path() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """A Playwright Browser on the system's Chromium, headless; skips (or fails on CI) without one."""
+    """A Playwright Browser on the system's Chromium, headless; skips (or fails on CI) without one.
+
+    Module-scoped: Playwright's sync API keeps an event loop running in the main thread while it
+    is open, and a later test's ``asyncio.run`` (the study's load client) must not find one."""
     path = chromium_path()
     try:
         from playwright.sync_api import sync_playwright
