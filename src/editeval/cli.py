@@ -173,9 +173,24 @@ def bench(
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ...")] = None,
     dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32.")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed/--skip-failed", help="Rerun jobs that failed in an earlier call.")] = True,
+    executor: Annotated[str, typer.Option(help="local (this process, one job after another) or ray (workers on a Ray cluster: docs/cluster.md).")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="With --executor ray: the cluster to join (its head's HOST:PORT; default $RAY_ADDRESS, else a local Ray instance is started).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="With --executor ray: how many workers (default one per GPU of the cluster, else one per --threads CPUs).")] = None,
 ) -> None:
     """Edit every sample with every method (resumable: the same command again skips finished jobs)."""
-    from editeval.bench import run_bench, summarize
+    import importlib.util
+
+    if executor not in ("local", "ray"):
+        errors.print(f"[red]error:[/red] --executor {executor!r}: use local or ray", highlight=False)
+        raise typer.Exit(2)
+    if executor == "local" and (ray_address or workers):
+        errors.print("[red]error:[/red] --ray-address and --workers need --executor ray")
+        raise typer.Exit(2)
+    if executor == "ray" and importlib.util.find_spec("ray") is None:
+        errors.print("[red]error:[/red] --executor ray needs Ray, which is not installed: "
+                     "pip install 'editeval\\[ray]'", highlight=False)
+        raise typer.Exit(2)
+    from editeval.bench import ExecutorError, run_bench, summarize
     from editeval.run import NotARunError, Run, RunConfig
 
     safe_model = re.sub(r"[^\w.-]+", "_", model).strip("_")
@@ -185,8 +200,16 @@ def bench(
                          limit=limit, per_task=per_task, seeds=seed, params=_parse_params(set_, qualified=True),
                          device=device, dtype=dtype, retry_failed=retry_failed)
     with _clean_errors():
+        runner = None
+        if executor == "ray":
+            from editeval.bench.ray_executor import RayExecutor
+
+            runner = RayExecutor(address=ray_address, workers=workers)
         try:
-            summary = run_bench(config, console=errors)
+            summary = run_bench(config, console=errors, executor=runner)
+        except ExecutorError as err:  # the Ray cluster cannot be reached or run the workers
+            errors.print(f"[red]error:[/red] {err}", highlight=False)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             errors.print(f"\n[yellow]interrupted[/yellow]: finished jobs are kept in {out}; "
                          "run the same command again to resume")
@@ -344,6 +367,22 @@ def leaderboard_command(
 
 
 @app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `editeval bench` (scored or not).")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Report folder (default RUN_DIR/report); a rebuild redoes only what changed.")] = None,
+    judge: Annotated[str | None, typer.Option(help="Which judge's LMM Score, when a run has several.")] = None,
+) -> None:
+    """An HTML report of a run (leaderboard, plots, one image grid row per sample, filters; opens
+    offline by double-click) and Leaderboard.md beside it."""
+    from editeval.report import build_report
+    from editeval.run import Run
+
+    with _clean_errors(), Run.open(run_dir) as run:
+        index = build_report(run, output, judge=judge)
+    console.print(f"wrote {index} and {index.parent / 'Leaderboard.md'}", highlight=False)
+
+
+@app.command()
 def methods(
     task: Annotated[str | None, typer.Option(help="Only methods meant for this task.")] = None,
     strategy: Annotated[str | None, typer.Option(help="training-based, test-time-finetuning or training-free.")] = None,
@@ -384,22 +423,6 @@ def methods(
         console.print()
     if not shown:
         console.print("no method matches")
-
-
-@app.command()
-def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory made by `editeval bench` (scored or not).")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Report folder (default RUN_DIR/report); a rebuild redoes only what changed.")] = None,
-    judge: Annotated[str | None, typer.Option(help="Which judge's LMM Score, when a run has several.")] = None,
-) -> None:
-    """An HTML report of a run (leaderboard, plots, one image grid row per sample, filters; opens
-    offline by double-click) and Leaderboard.md beside it."""
-    from editeval.report import build_report
-    from editeval.run import Run
-
-    with _clean_errors(), Run.open(run_dir) as run:
-        index = build_report(run, output, judge=judge)
-    console.print(f"wrote {index} and {index.parent / 'Leaderboard.md'}", highlight=False)
 
 
 @app.command()

@@ -2,7 +2,8 @@
 
 An executor makes edits and hands back an :class:`Outcome` per job; it never writes the run's
 store (the runner records each outcome as it arrives, :mod:`editeval.bench.record`). The local
-executor edits one job after another in this process, with each model kind loaded once.
+executor edits one job after another in this process, with each model kind loaded once; the Ray
+executor (:mod:`editeval.bench.ray_executor`) spreads them over the workers of a Ray cluster.
 """
 
 from __future__ import annotations
@@ -35,12 +36,18 @@ class Outcome:
     os_errno: int | None = None
 
 
+class ExecutorError(RuntimeError):
+    """An executor cannot run the jobs at all: its cluster cannot be reached or has no room for
+    its workers, or a worker died while loading a model."""
+
+
 class Executor(Protocol):
     """Runs jobs and yields their outcomes (in any order)."""
 
     def prepare(self, config: RunConfig, model_kinds: set[str]) -> None:
         """Get ready to run jobs of these model kinds; raise before anything is written if a
-        model is unavailable (:class:`~editeval.models.ModelNotAvailableError`)."""
+        model is unavailable (:class:`~editeval.models.ModelNotAvailableError`) or the jobs
+        cannot run at all (:class:`ExecutorError`)."""
 
     def execute(self, jobs: Iterable[Job], run: Run, config: RunConfig) -> Iterator[Outcome]:
         """Run ``jobs`` and yield an outcome for each."""
