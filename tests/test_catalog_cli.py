@@ -38,7 +38,8 @@ def test_catalog_marks_implemented_papers():
     result = runner.invoke(app, ["catalog", "--implemented"], env=WIDE)
     assert result.exit_code == 0
     implemented = ["instructpix2pix", "null-text", "edict", "ddpm-inversion", "aidi", "p2p", "pnp",
-                   "negative-prompt-inversion", "proxedit", "masactrl"]
+                   "negative-prompt-inversion", "proxedit", "masactrl", "cyclediffusion",
+                   "pix2pix-zero", "ebca", "sega", "ledits", "ledits++"]
     assert f"{len(implemented)} of 122 catalog entries" in result.output
     assert all(name in result.output for name in implemented)
     # not in the survey's list: SDEdit (the baseline) and Direct Inversion (Ju et al.)

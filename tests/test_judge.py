@@ -356,6 +356,22 @@ def test_oracle_judge_and_leaderboard(toy_run, tmp_path, monkeypatch):
         assert printed.output == saved.read_text()
 
 
+def test_a_judge_that_scored_nothing_is_not_a_choice_to_make(toy_run):
+    """An unreachable server leaves only transport errors behind: the leaderboard without
+    --judge still shows the one judge that scored (before: 'pick one judge with --judge')."""
+    assert CliRunner().invoke(app, ["score", str(toy_run), "--judge", "oracle"]).exit_code == 0
+    with Run.open(toy_run) as run:
+        run.store.record_judgement(
+            job_id="alpha/texture_change/1/seed0", judge="openai:gpt-4o@https://api.openai.com/v1",
+            protocol_version="editeval-lmm-1", mode="comparative", repeat=0, status="error",
+            scores=None, s_all=None, position=0, group_size=2, raw="",
+            message="ConnectError: Name or service not known", cache_key=None)
+        _, identity = leaderboard(run)
+    assert identity["judge"] == "oracle"
+    printed = CliRunner().invoke(app, ["leaderboard", str(toy_run)])
+    assert printed.exit_code == 0 and "| 1 | alpha | 10.00 |" in printed.output
+
+
 def test_score_on_a_full_disk_is_one_line(toy_run, monkeypatch):
     import errno
 

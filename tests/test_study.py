@@ -3,6 +3,7 @@ analysis (hand-computed values), and simulated raters recovering a planted corre
 
 from __future__ import annotations
 
+import re
 import signal
 import sqlite3
 import subprocess
@@ -20,6 +21,7 @@ from scipy import stats
 from study_helpers import METHODS, fake_run
 from typer.testing import CliRunner
 
+from editeval import cli
 from editeval.cli import app as cli_app
 from editeval.core.lmm_score import FACTORS
 from editeval.judge import OracleBackend, Protocol, score_run
@@ -472,7 +474,7 @@ def test_metrics_are_correlated_and_the_clipscore_figure_drawn(judged_run, tmp_p
 
 # the command line --------------------------------------------------------------------------------
 
-def test_study_commands(judged_run, tmp_path):
+def test_study_commands(judged_run, tmp_path, monkeypatch):
     run_dir = _copy(judged_run, tmp_path / "run")
     runner = CliRunner()
     added = runner.invoke(cli_app, ["study", "add-raters", str(run_dir), "2", "--k", "1",
@@ -481,10 +483,15 @@ def test_study_commands(judged_run, tmp_path):
     assert added.output.count("http://study.example:9000/r/") == 2
     assert "28 pages (per-edit layout), k = 1" in added.output
     assert runner.invoke(cli_app, ["study", "revoke", str(run_dir), "2"]).exit_code == 0
+    monkeypatch.setattr(cli.console, "width", 40)  # a pipe or a narrow terminal
     listed = runner.invoke(cli_app, ["study", "raters", str(run_dir)])
-    assert "0/28" in listed.output and "yes" in listed.output  # all work moved to rater 1
+    # the whole link, never cut to the width (a table column did: `.../r/L2ry9-1W6sSG7…`)
+    # (all work moved to rater 1 when rater 2 was revoked)
+    assert re.fullmatch(r"rater 1  http://127\.0\.0\.1:8000/r/[\w-]{32}  done 0/28\n"
+                        r"rater 2  http://127\.0\.0\.1:8000/r/[\w-]{32}  done 0/0  revoked\n",
+                        listed.output), listed.output
     nothing = runner.invoke(cli_app, ["study", "analyze", str(run_dir)])
-    assert nothing.exit_code == 2 and "holds no ratings yet" in nothing.output
+    assert nothing.exit_code == 2 and "its 2 raters have rated nothing yet" in nothing.output
     human = runner.invoke(cli_app, ["study", "simulate", str(run_dir)])
     assert human.exit_code == 2 and "has human raters" in human.output
     for bad, said in ((["--k", "0"], "at least 1"), (["--layout", "grid"], "unknown layout")):

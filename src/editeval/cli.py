@@ -492,14 +492,12 @@ LinkBase = Annotated[str, typer.Option("--url", help="Where raters reach `editev
 
 
 def _print_links(raters: list, url: str, store) -> None:
-    table = Table()
-    for column in ("rater", "link", "done", "revoked"):
-        table.add_column(column)
+    """One line per rater (never a table: a link cut to the terminal's width is useless)."""
     for rater in raters:
         progress = store.progress(rater.rater_id)
-        table.add_row(rater.name, f"{url.rstrip('/')}/r/{rater.token}",
-                      f"{progress.done}/{progress.total}", "yes" if rater.revoked_at else "")
-    console.print(table)
+        console.print(f"{rater.name}  {url.rstrip('/')}/r/{rater.token}  done "
+                      f"{progress.done}/{progress.total}{'  revoked' if rater.revoked_at else ''}",
+                      markup=False, highlight=False, overflow="ignore", crop=False)
 
 
 @study_app.command("add-raters")

@@ -45,6 +45,7 @@ import torch
 from editeval.bench.execute import ExecutorError, Outcome, run_job
 from editeval.bench.plan import Job
 from editeval.core.registry import get_method
+from editeval.core.tensors import to_cpu
 from editeval.core.threads import configure_threads
 from editeval.diffusion.inversion_cache import InversionCache
 from editeval.models import ModelNotAvailableError, load_pipeline
@@ -121,7 +122,7 @@ class EditWorker:
             return Outcome(job, error=f"{type(err).__name__}: {err}")
         outcome = run_job(job, self.pipes[kind], self.config, self.inversion_cache())
         if outcome.result is not None:
-            outcome.result.intermediates = _on_cpu(outcome.result.intermediates)
+            outcome.result.intermediates = to_cpu(outcome.result.intermediates)
         return outcome
 
     def inversion_cache(self) -> InversionCache:
@@ -136,18 +137,6 @@ class EditWorker:
                 folder = Path(tempfile.gettempdir()) / "editeval-inversions" / digest
             self._cache = InversionCache(folder)
         return self._cache
-
-
-def _on_cpu(value: Any) -> Any:
-    """``value`` with every torch tensor in it (in dicts, lists, tuples) moved to the CPU, so a
-    driver without a GPU can unpickle it."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {key: _on_cpu(item) for key, item in value.items()}
-    if type(value) in (list, tuple):  # not a named tuple: its fields are kept as they are
-        return type(value)(_on_cpu(item) for item in value)
-    return value
 
 
 @dataclass

@@ -4,7 +4,8 @@ Prompt-to-Prompt, Plug-and-Play, MasaCtrl and their kin edit by reading or rewri
 of a Stable Diffusion UNet. This module is the one place that does it:
 
 - :func:`control_attention` installs a :class:`ControlledAttnProcessor` on every attention layer of a
-  UNet, and always restores the original processors when the block ends, also when it raises.
+  UNet, and always restores the original processors when the block ends, also when it raises
+  (:func:`swap_attention_processors` does the same for processors of a method's own).
 - The processor computes attention with an explicit softmax (SDPA never exposes the probabilities)
   and lets a :class:`AttentionController` rewrite queries, keys and values before the softmax
   (:meth:`AttentionController.edit_qkv`, e.g. MasaCtrl's mutual self-attention) and the
@@ -207,19 +208,31 @@ class ControlledAttnProcessor:
 
 
 @contextmanager
+def swap_attention_processors(unet: Any, processors: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Install ``processors`` (layer name -> processor; layers not named keep theirs) inside the
+    ``with`` block, which gets the original processors by name; they are restored on exit, whatever
+    happens inside."""
+    originals = dict(unet.attn_processors)
+    try:
+        unet.set_attn_processor({**originals, **processors})  # diffusers empties the dict it is given
+        yield dict(originals)
+    finally:
+        unet.set_attn_processor(dict(originals))
+
+
+@contextmanager
 def control_attention(unet: Any, controller: AttentionController) -> Iterator[AttentionController]:
     """Route every attention layer of ``unet`` through ``controller`` inside the ``with`` block.
 
     The original processors are restored and the step hook removed on exit, whatever happens
     inside. Steps count from 0 at the first UNet call in the block.
     """
-    originals = dict(unet.attn_processors)
     clock = _Clock()
-    processors = {name: ControlledAttnProcessor(name, controller, clock) for name in originals}
+    processors = {name: ControlledAttnProcessor(name, controller, clock)
+                  for name in unet.attn_processors}
     handle = unet.register_forward_pre_hook(clock.hook, with_kwargs=True)
     try:
-        unet.set_attn_processor(dict(processors))  # diffusers empties the dict it is given
-        yield controller
+        with swap_attention_processors(unet, processors):
+            yield controller
     finally:
         handle.remove()
-        unet.set_attn_processor(dict(originals))

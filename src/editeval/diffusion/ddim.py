@@ -162,21 +162,29 @@ def ddim_invert(unet: Any, latents: torch.Tensor, scheduler: Any, cond: torch.Te
 
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None]
+NoisePredictor = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``predict(i, t, latents) -> eps``: a sampler's noise estimate at its step ``i`` (0 = the first
+step it samples) and timestep ``t``, in place of classifier-free guidance (SEGA's semantic guidance,
+:mod:`editeval.diffusion.semantic_guidance`)."""
 
 
 @torch.no_grad()
-def ddim_sample(unet: Any, latents: torch.Tensor, scheduler: Any, cond: torch.Tensor,
+def ddim_sample(unet: Any, latents: torch.Tensor, scheduler: Any, cond: torch.Tensor | None = None,
                 uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
-                callback: StepCallback | None = None) -> torch.Tensor:
+                callback: StepCallback | None = None, *,
+                predict: NoisePredictor | None = None) -> torch.Tensor:
     """Deterministic DDIM sampling from ``latents`` at the most noisy timestep to clean latents.
 
     ``callback(i, t, latents)`` runs after step ``i`` and may return replacement latents (methods
-    use it to blend or inject). NFE = steps (x2 with guidance).
+    use it to blend or inject). ``predict``, when given, is the noise estimate instead of the
+    guidance of ``cond``/``uncond`` (then not needed). NFE = steps (x2 with guidance; with
+    ``predict``, its own).
     """
     timesteps, alphas = noise_levels(scheduler)
     for i, t in enumerate(scheduler.timesteps):
         level = len(timesteps) - i
-        noise = predict_noise(unet, scheduler, latents, t, cond, uncond, guidance_scale)
+        noise = predict(i, t, latents) if predict is not None else \
+            predict_noise(unet, scheduler, latents, t, cond, uncond, guidance_scale)
         latents = ddim_step(latents, noise, alphas[level], alphas[level - 1])
         if callback is not None:
             latents = callback(i, t, latents) or latents

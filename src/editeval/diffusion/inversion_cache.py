@@ -30,6 +30,7 @@ from PIL import Image
 
 from editeval.core.files import atomic_write
 from editeval.core.nfe import current_counter, denoiser
+from editeval.core.tensors import to_cpu
 from editeval.diffusion.weights import weights_digest
 
 Value = dict[str, Any]  # tensors, lists of tensors and plain numbers
@@ -41,6 +42,12 @@ def image_digest(image: Image.Image) -> str:
     digest = hashlib.sha256(f"{image.mode}{image.size}".encode())
     digest.update(np.asarray(image).tobytes())
     return digest.hexdigest()
+
+
+def generator_digest(generator: torch.Generator) -> str:
+    """sha256 of a generator's state, for the key of an inversion that draws random numbers
+    (edit-friendly DDPM inversion, CycleDiffusion's DPM-Encoder): it depends on the draws to come."""
+    return hashlib.sha256(np.asarray(generator.get_state()).tobytes()).hexdigest()
 
 
 def inversion_key(*, kind: str, image: Image.Image, prompt: str, pipe: Any, scheduler: Any,
@@ -133,7 +140,7 @@ class InversionCache:
 
     def _save(self, key: str, entry: tuple[Value, int]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        cpu = {"format": FORMAT, "nfe": entry[1], "value": _to_cpu(entry[0])}
+        cpu = {"format": FORMAT, "nfe": entry[1], "value": to_cpu(entry[0])}
         atomic_write(self.directory / f"{key}.pt", lambda handle: torch.save(cpu, handle))
 
 
@@ -149,16 +156,6 @@ def _read(path: Path) -> tuple[Value, int] | None:
     if not isinstance(stored, dict) or stored.get("format") != FORMAT:
         return None
     return stored["value"], int(stored["nfe"])
-
-
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_cpu(v) for v in value]
-    return value
 
 
 def cached_inversion(cache: InversionCache | None, key: str,

@@ -46,7 +46,8 @@ def judgements(run: Run, judge: str | None = None) -> tuple[pd.DataFrame, dict]:
     (``judge``, ``protocol_version``, ``mode``).
 
     ``judge``: a stored judge's name, or ``openai:MODEL`` when one stored judge has that model;
-    None when the run has one judge.
+    None when the run has one judge, or one judge that scored anything (a judge whose every
+    request failed, such as an unreachable server, is not a choice to make).
 
     Raises:
         ValueError: the run holds no judgements, or several judges/protocols and ``judge`` does not
@@ -58,6 +59,10 @@ def judgements(run: Run, judge: str | None = None) -> tuple[pd.DataFrame, dict]:
                          "--judge ...` first")
     stored = frame[["judge", "protocol_version", "mode"]].drop_duplicates()
     keys = _pick(stored, judge)
+    if judge is None and len(keys) > 1:
+        scored = frame.loc[frame["status"] == "ok", list(stored.columns)].drop_duplicates()
+        if len(scored) == 1:
+            keys = scored
     if len(keys) != 1:
         shown = public_judge_name(judge) if judge else ""
         problem = ("pick one judge with --judge; this run has" if not judge else

@@ -8,13 +8,19 @@ from editeval.methods.test_time_finetuning import null_text  # noqa: F401
 from editeval.methods.training_based import instructpix2pix  # noqa: F401
 from editeval.methods.training_free import (  # noqa: F401
     aidi,
+    cyclediffusion,
     ddpm_inversion,
     direct_inversion,
+    ebca,
     edict,
+    ledits,
+    ledits_pp,
     masactrl,
     negative_prompt_inversion,
+    pix2pix_zero,
     pnp,
     prompt_to_prompt,
     proxedit,
     sdedit,
+    sega,
 )

@@ -254,9 +254,16 @@ def analyze(run: Run, out: str | os.PathLike | None = None, *, judge: str | None
     """
     ratings = ratings_table(run)
     if ratings.empty:
-        raise ValueError(f"{run.path} holds no ratings yet; create raters with `editeval study "
-                         f"add-raters {run.path} N` and serve the study with `editeval study "
-                         f"serve {run.path}`")
+        raters = 0
+        if study_exists(run):
+            with StudyStore(run, readonly=True) as store:
+                raters = len(store.raters())
+        first = (f"its {raters} rater{'s' * (raters != 1)} have rated nothing yet; serve the study "
+                 f"with `editeval study serve {run.path}` and send them their links "
+                 f"(`editeval study raters {run.path}`)" if raters else
+                 f"create raters with `editeval study add-raters {run.path} N` and serve the "
+                 f"study with `editeval study serve {run.path}`")
+        raise ValueError(f"{run.path} holds no ratings yet; {first}")
     means = human_mean_ratings(run)
     lmm, identity = (None, None)
     if run.store.judgements() or judge is not None:

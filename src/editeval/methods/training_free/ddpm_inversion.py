@@ -36,21 +36,24 @@ serves any ``skip``) + (num_inference_steps - skip) * (2, or 1 with guidance_sca
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
-import numpy as np
 import torch
 
 from editeval.core import EditInputs, MethodCard, MethodOutput, Paper, register_method
 from editeval.core.samples import TASKS
-from editeval.diffusion.ddim import (
-    ddim_scheduler,
-    noise_level_terms,
-    noise_levels,
-    predict_noise,
+from editeval.diffusion.ddim import ddim_scheduler, noise_level_terms, predict_noise
+from editeval.diffusion.ddpm import (
+    ddpm_sample,
+    extract_noise,
+    step_levels,
+    stochastic_step_mean,
 )
-from editeval.diffusion.inversion_cache import cached_inversion, inversion_key
+from editeval.diffusion.inversion_cache import (
+    cached_inversion,
+    generator_digest,
+    inversion_key,
+)
 from editeval.diffusion.latents import decode_latents, encode_image, encode_prompt
 
 CARD = MethodCard(
@@ -70,31 +73,6 @@ CARD = MethodCard(
     deviations="keeps the last step's noise map (the official code zeroes it), so regeneration "
                "is exact",
 )
-
-
-def _step_levels(scheduler: Any) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(timestep, a_t, a_prev) of every step, noisiest first."""
-    count = len(scheduler.timesteps)
-    _, alphas = noise_levels(scheduler)
-    return [(t, alphas[count - k], alphas[count - k - 1])
-            for k, t in enumerate(scheduler.timesteps)]
-
-
-def _ddpm_mean(latents: torch.Tensor, noise: torch.Tensor, alpha_t: torch.Tensor,
-               alpha_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation of the DDPM (eta 1) step from ``alpha_t`` to ``alpha_prev``.
-
-    The schedule terms are computed in float32 from the float32 alpha-bars, then cast to the
-    latents' dtype (:func:`~editeval.diffusion.ddim.noise_level_terms`).
-    """
-    alpha_t, alpha_prev = alpha_t.float(), alpha_prev.float()
-    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
-    sqrt_alpha, sqrt_one_minus = noise_level_terms(alpha_t, latents)
-    sqrt_alpha_prev, _ = noise_level_terms(alpha_prev, latents)
-    direction = (1 - alpha_prev - variance).clamp(min=0).sqrt().to(latents)
-    x0 = (latents - sqrt_one_minus * noise) / sqrt_alpha
-    mean = sqrt_alpha_prev * x0 + direction * noise
-    return mean, variance.sqrt().to(latents)
 
 
 @torch.no_grad()
@@ -117,7 +95,7 @@ def ddpm_invert(unet: Any, latents: torch.Tensor, scheduler: Any, cond: torch.Te
         guidance returns ``noisy[-1]`` bit for bit. All in the latents' dtype and shape.
         NFE = steps (x2 with guidance).
     """
-    levels = _step_levels(scheduler)
+    levels = step_levels(scheduler)
     noisy = []
     for _, alpha_t, _ in levels:
         draw = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
@@ -127,41 +105,10 @@ def ddpm_invert(unet: Any, latents: torch.Tensor, scheduler: Any, cond: torch.Te
     noise_maps = []
     for k, (t, alpha_t, alpha_prev) in enumerate(levels):
         noise = predict_noise(unet, scheduler, noisy[k], t, cond, uncond, guidance_scale)
-        mean, sigma = _ddpm_mean(noisy[k], noise, alpha_t, alpha_prev)
-        z = (noisy[k + 1] - mean) / sigma if sigma > 0 else torch.zeros_like(mean)
-        noisy[k + 1] = mean + sigma * z
+        mean, sigma = stochastic_step_mean(noisy[k], noise, alpha_t, alpha_prev, eta=1.0)
+        z, noisy[k + 1] = extract_noise(noisy[k + 1], mean, sigma)
         noise_maps.append(z)
     return noisy, noise_maps
-
-
-@torch.no_grad()
-def ddpm_sample(unet: Any, latents: torch.Tensor, noise_maps: list[torch.Tensor], scheduler: Any,
-                cond: torch.Tensor, uncond: torch.Tensor | None = None,
-                guidance_scale: float = 1.0, *, skip: int = 0) -> torch.Tensor:
-    """DDPM sampling (eta 1) with the given noise maps, from step ``skip`` to clean latents.
-
-    ``latents``: (1, 4, h, w) at ``scheduler.timesteps[skip]``; ``noise_maps``: one per step of the
-    scheduler, as from :func:`ddpm_invert`. NFE = (steps - skip) (x2 with guidance).
-
-    Raises:
-        ValueError: ``skip`` outside [0, steps) or a wrong number of noise maps.
-    """
-    levels = _step_levels(scheduler)
-    if len(noise_maps) != len(levels):
-        raise ValueError(f"need one noise map per step ({len(levels)}), got {len(noise_maps)}")
-    if not 0 <= skip < len(levels):
-        raise ValueError(f"skip must be in [0, {len(levels)}), got {skip}")
-    for k in range(skip, len(levels)):
-        t, alpha_t, alpha_prev = levels[k]
-        noise = predict_noise(unet, scheduler, latents, t, cond, uncond, guidance_scale)
-        mean, sigma = _ddpm_mean(latents, noise, alpha_t, alpha_prev)
-        latents = mean + sigma * noise_maps[k].to(mean)
-    return latents
-
-
-def _generator_digest(generator: torch.Generator) -> str:
-    """sha256 of the generator's state: the inversion depends on the draws it will make."""
-    return hashlib.sha256(np.asarray(generator.get_state()).tobytes()).hexdigest()
 
 
 def _check(*, num_inference_steps: int, skip: int, **_: Any) -> None:
@@ -173,11 +120,16 @@ def _check(*, num_inference_steps: int, skip: int, **_: Any) -> None:
                          f"num_inference_steps), got {skip}")
 
 
-@register_method(CARD, check=_check)
-def ddpm_inversion(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
-                   num_inference_steps: int, source_guidance_scale: float, guidance_scale: float,
-                   skip: int) -> MethodOutput:
-    """Edit ``inputs.image`` from its source prompt towards its target prompt (see the module)."""
+def edit_friendly_inversion(pipe: Any, inputs: EditInputs, generator: torch.Generator,
+                            num_inference_steps: int, source_guidance_scale: float
+                            ) -> tuple[Any, dict[str, list[torch.Tensor]], bool]:
+    """:func:`ddpm_invert` of ``inputs.image`` under its source prompt, through the run's cache
+    (shared by ``ddpm-inversion`` and ``ledits``).
+
+    Returns ``(scheduler, {"noisy": ..., "noise_maps": ...}, cached)``: the DDIM scheduler set to
+    the steps, :func:`ddpm_invert`'s lists (on the device the cache holds them) and whether they
+    came from the cache.
+    """
     scheduler = ddim_scheduler(pipe, num_inference_steps)
     uncond = encode_prompt(pipe, "")
     key = inversion_key(kind="ddpm-edit-friendly", image=inputs.image,
@@ -185,7 +137,7 @@ def ddpm_inversion(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
                         num_inference_steps=num_inference_steps,
                         guidance_scale=source_guidance_scale,
                         options={"eta": 1.0, "seed": generator.initial_seed(),
-                                 "generator_state": _generator_digest(generator)})
+                                 "generator_state": generator_digest(generator)})
 
     def invert() -> dict[str, list[torch.Tensor]]:
         noisy, noise_maps = ddpm_invert(pipe.unet, encode_image(pipe, inputs.image), scheduler,
@@ -194,8 +146,19 @@ def ddpm_inversion(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
         return {"noisy": noisy, "noise_maps": noise_maps}
 
     inverted, cached = cached_inversion(inputs.inversion_cache, key, invert)
+    return scheduler, inverted, cached
+
+
+@register_method(CARD, check=_check)
+def ddpm_inversion(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
+                   num_inference_steps: int, source_guidance_scale: float, guidance_scale: float,
+                   skip: int) -> MethodOutput:
+    """Edit ``inputs.image`` from its source prompt towards its target prompt (see the module)."""
+    scheduler, inverted, cached = edit_friendly_inversion(pipe, inputs, generator,
+                                                          num_inference_steps,
+                                                          source_guidance_scale)
     latents = ddpm_sample(pipe.unet, inverted["noisy"][skip].to(pipe.device),
-                          [z.to(pipe.device) for z in inverted["noise_maps"]], scheduler,
-                          encode_prompt(pipe, inputs.target_prompt), uncond, guidance_scale,
-                          skip=skip)
+                          [z.to(pipe.device) for z in inverted["noise_maps"][skip:]], scheduler,
+                          encode_prompt(pipe, inputs.target_prompt), encode_prompt(pipe, ""),
+                          guidance_scale, skip=skip)
     return MethodOutput(decode_latents(pipe, latents), {"inversion_cached": cached})
