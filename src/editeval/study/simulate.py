@@ -60,8 +60,11 @@ def rating_moments(truth: np.ndarray, noise: float) -> tuple[np.ndarray, np.ndar
 
 
 def _population_r(score: np.ndarray, expected: np.ndarray, variance: np.ndarray) -> float:
-    cov = np.mean((score - score.mean()) * (expected - expected.mean()))
-    return float(cov / np.sqrt(score.var() * (expected.var() + variance.mean())))
+    """NaN when a side does not vary (a factor the oracle scores alike on every edit)."""
+    denominator = np.sqrt(score.var() * (expected.var() + variance.mean()))
+    if denominator == 0:
+        return float("nan")
+    return float(np.mean((score - score.mean()) * (expected - expected.mean())) / denominator)
 
 
 def planted_correlations(truth: pd.DataFrame, n_ratings: pd.Series, noise: float
