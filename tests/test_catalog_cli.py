@@ -39,7 +39,7 @@ def test_catalog_marks_implemented_papers():
     assert result.exit_code == 0
     implemented = ["instructpix2pix", "null-text", "edict", "ddpm-inversion", "aidi", "p2p", "pnp",
                    "negative-prompt-inversion", "proxedit", "masactrl", "cyclediffusion",
-                   "pix2pix-zero", "ebca", "sega", "ledits", "ledits++"]
+                   "pix2pix-zero", "ebca", "sega", "ledits", "ledits++", "dds", "cds"]
     assert f"{len(implemented)} of 122 catalog entries" in result.output
     assert all(name in result.output for name in implemented)
     # not in the survey's list: SDEdit (the baseline) and Direct Inversion (Ju et al.)

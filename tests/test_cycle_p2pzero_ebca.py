@@ -251,14 +251,14 @@ def test_cross_attention_guidance_lowers_the_attention_loss(tiny_sd):
 def test_pix2pix_zero_nfe_and_backward_passes_follow_its_card(tiny_sd, image):
     # 4 steps: 4 (inversion) + 4 (reference) + 4 * 4 (guided pass and prediction, batches of 2)
     first = edit(_request(image, TINY_P2PZ), "pix2pix-zero", pipe=tiny_sd)
-    assert (first.nfe, first.intermediates["backward_passes"]) == (24, 4)
+    assert (first.nfe, first.backward_passes) == (24, 4)
     # 3 steps without guidance: 3 + 3 + 2 * 3 (batches of 1), still 3 backward passes
     plain = edit(_request(image, {**TINY_P2PZ, "num_inference_steps": 3, "guidance_scale": 1.0}),
                  "pix2pix-zero", pipe=tiny_sd)
-    assert (plain.nfe, plain.intermediates["backward_passes"]) == (12, 3)
+    assert (plain.nfe, plain.backward_passes) == (12, 3)
     unguided = edit(_request(image, {**TINY_P2PZ, "num_inference_steps": 3, "xa_guidance": 0.0}),
                     "pix2pix-zero", pipe=tiny_sd)
-    assert (unguided.nfe, unguided.intermediates["backward_passes"]) == (3 + 3 + 2 * 3, 0)
+    assert (unguided.nfe, unguided.backward_passes) == (3 + 3 + 2 * 3, 0)
 
 
 @pytest.mark.parametrize("params, message", [

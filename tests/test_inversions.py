@@ -142,6 +142,7 @@ def test_null_text_early_stopping_and_its_nfe(tiny_sd, photo):
     result = edit(request, "null-text", pipe=tiny_sd)
     assert result.intermediates["null_text_iterations"] == STEPS
     assert result.nfe == STEPS + STEPS * (3 + 1) + 4 * STEPS
+    assert result.backward_passes == STEPS  # one per iteration
 
 
 def test_null_text_cache_key_holds_its_options(tiny_sd, photo):

@@ -174,6 +174,8 @@ def test_nfe_follows_the_card_and_processors_are_restored(tiny_sd, photo, method
     optimisation = STEPS * (3 + 2) if method == "null-text" else 0
     assert result.nfe == STEPS + optimisation + 4 * STEPS
     assert result.intermediates["null_text_iterations"] == (STEPS * 2 if optimisation else 0)
+    # one backward pass through the UNet per null-text iteration (card), none for the others
+    assert result.backward_passes == (STEPS * 2 if optimisation else 0)
     assert result.intermediates["inversion_cached"] is False
     after = tiny_sd.unet.attn_processors
     assert all(after[name] is processor for name, processor in before.items())

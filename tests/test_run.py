@@ -96,7 +96,8 @@ def test_intermediates_round_trip_every_kind(tmp_path):
 
 
 def test_an_older_store_gains_the_new_columns(tmp_path):
-    # a results table as the first release wrote it: no uncached_nfe, no intermediates
+    # a results table as the first release wrote it: no uncached_nfe, intermediates or
+    # backward_passes
     with sqlite3.connect(tmp_path / "results.sqlite") as db:
         db.execute("CREATE TABLE results (job_id TEXT PRIMARY KEY, method TEXT NOT NULL, "
                    "sample_id TEXT NOT NULL, task TEXT NOT NULL, seed INTEGER NOT NULL, "
@@ -110,13 +111,15 @@ def test_an_older_store_gains_the_new_columns(tmp_path):
         (row,) = run.rows()
         assert run.store.judgements() == [] and run.store.metric_values() == []
         assert _files(tmp_path) == before
-    assert (row.nfe, row.uncached_nfe, row.intermediates) == (50, None, None)
+    assert (row.nfe, row.uncached_nfe, row.intermediates, row.backward_passes) == (50, None, None,
+                                                                                  None)
     with Run.open(tmp_path) as run:
         (row,) = run.rows()
-    assert (row.nfe, row.uncached_nfe, row.intermediates) == (50, None, None)
+    assert (row.nfe, row.uncached_nfe, row.intermediates, row.backward_passes) == (50, None, None,
+                                                                                  None)
     with sqlite3.connect(tmp_path / "results.sqlite") as db:
         columns = {row[1] for row in db.execute("PRAGMA table_info(results)")}
-    assert {"uncached_nfe", "intermediates"} <= columns
+    assert {"uncached_nfe", "intermediates", "backward_passes"} <= columns
 
 
 # --- planning: inputs checked against the dataset before anything runs -----------------------

@@ -293,7 +293,7 @@ def edit(
         An :class:`EditResult` with the edit at the source's size and at the model's, its NFE and time.
 
     Raises:
-        KeyError: unknown method. ValueError: unknown or ill-typed parameter.
+        KeyError: unknown method. ValueError: an unknown, ill-typed or out-of-range parameter.
         EditInputError: a required input is missing, a prompt is too long, or ``pipe`` is not
             of the method's model kind. ImageLoadError: an unreadable image, mask or reference.
         MaskError: an unusable mask (all black, all white, another aspect ratio).
@@ -333,6 +333,7 @@ def edit(
         wall_seconds=wall,
         params=params,
         seed=request.seed,
+        backward_passes=counter.backward,
         intermediates=intermediates,
         warnings=notes,
     )

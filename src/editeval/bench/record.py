@@ -10,7 +10,7 @@ from editeval.run import Run
 
 def record(run: Run, outcome: Outcome) -> Outcome:
     """Store one outcome in ``run``: the image, intermediates and row of a done job (both NFE
-    costs), or the error of a failed one; returns the outcome as stored.
+    costs and the backward passes), or the error of a failed one; returns the outcome as stored.
 
     A done job whose image, intermediates or row cannot be written is stored as failed instead,
     its error naming the file and the OS error (``cannot write PATH: [Errno 28] No space left on
@@ -28,6 +28,7 @@ def record(run: Run, outcome: Outcome) -> Outcome:
     try:
         run.store.record_done(**keys, image=result.image, nfe=result.nfe,
                               uncached_nfe=result.uncached_nfe, wall_seconds=result.wall_seconds,
+                              backward_passes=result.backward_passes,
                               model=result.model, params=result.params,
                               intermediates=result.intermediates)
     except OSError as err:

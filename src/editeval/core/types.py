@@ -73,6 +73,9 @@ class EditResult:
         wall_seconds: wall-clock time of the method call, seconds (model loading excluded).
         params: the effective method parameters (card defaults updated by the request).
         seed: the seed used.
+        backward_passes: backward passes through the denoiser (gradient steps that
+            differentiate through it: guidance, embedding or weight optimisation), counted by
+            :class:`~editeval.core.nfe.NFECounter`; 0 for a method that takes no gradient.
         intermediates: anything worth keeping (inverted latents, masks, ...), by name; the
             input warnings again under ``"warnings"`` (when there are any), so a run stores them.
         warnings: what the edit noted about its inputs (an input the method does not use, a
@@ -89,6 +92,7 @@ class EditResult:
     wall_seconds: float
     params: dict[str, Any]
     seed: int
+    backward_passes: int = 0
     intermediates: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 

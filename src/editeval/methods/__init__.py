@@ -4,7 +4,7 @@ Importing this package registers them (see :mod:`editeval.core.registry`).
 """
 
 # noqa: F401 throughout: importing a module registers its method
-from editeval.methods.test_time_finetuning import null_text  # noqa: F401
+from editeval.methods.test_time_finetuning import cds, dds, null_text  # noqa: F401
 from editeval.methods.training_based import instructpix2pix  # noqa: F401
 from editeval.methods.training_free import (  # noqa: F401
     aidi,

@@ -2,8 +2,8 @@
 
 :class:`editeval.run.Run` owns a run directory and opens its store; nothing else should. Tables:
 
-- ``results``: one row per job: done (image path, NFE spent, uncached NFE, wall seconds, the
-  effective parameters, the method's intermediates as JSON) or failed (the error);
+- ``results``: one row per job: done (image path, NFE spent, uncached NFE, backward passes, wall
+  seconds, the effective parameters, the method's intermediates as JSON) or failed (the error);
 - ``judge_scores`` (LMM Score judgements), ``metric_scores`` (one value of one classic metric by
   one backbone per job, NULL for NaN) and ``metric_set_scores`` (FID and KID per method and task),
   filled by ``editeval score``.
@@ -47,11 +47,13 @@ CREATE TABLE IF NOT EXISTS results (
     error        TEXT,
     finished_at  TEXT NOT NULL,
     uncached_nfe INTEGER,
-    intermediates TEXT
+    intermediates TEXT,
+    backward_passes INTEGER
 )
 """
 # columns added after the first release, with their types: an older store gains them on open
-ADDED_COLUMNS = {"uncached_nfe": "INTEGER", "intermediates": "TEXT"}
+ADDED_COLUMNS = {"uncached_nfe": "INTEGER", "intermediates": "TEXT",
+                 "backward_passes": "INTEGER"}
 
 JUDGE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS judge_scores (
@@ -128,7 +130,8 @@ class ResultRow:
     """One job's outcome, as stored.
 
     ``nfe`` is what the edit spent in this run (an inversion reused from the run's cache costs 0);
-    ``uncached_nfe`` what it costs on its own (``None`` in rows written before it was recorded).
+    ``uncached_nfe`` what it costs on its own, ``backward_passes`` the backward passes through
+    the denoiser (each ``None`` in rows written before it was recorded).
     ``intermediates`` is the method's intermediates as stored: JSON values as they are, a file's
     value as a reference (see :mod:`editeval.run.intermediates`); ``Run.intermediates`` loads them.
     """
@@ -148,6 +151,7 @@ class ResultRow:
     finished_at: str
     uncached_nfe: int | None
     intermediates: dict[str, Any] | None
+    backward_passes: int | None
 
 
 class ResultStore:
@@ -256,7 +260,8 @@ class ResultStore:
     def record_done(self, *, job_id: str, method: str, sample_id: str, task: str, seed: int,
                     image: Image.Image, nfe: int, uncached_nfe: int, wall_seconds: float,
                     model: str, params: Mapping[str, Any],
-                    intermediates: Mapping[str, Any] | None = None) -> Path:
+                    intermediates: Mapping[str, Any] | None = None,
+                    backward_passes: int | None = None) -> Path:
         """Write the image and the intermediates' files atomically, then the row; returns the
         image's absolute path. ``intermediates`` are stored by
         :func:`editeval.run.intermediates.store_intermediates` under ``intermediates/<job>/``.
@@ -273,7 +278,7 @@ class ResultStore:
                                      Path("intermediates") / method / f"{sample_id}_seed{seed}")
         self._write(job_id, method, sample_id, task, seed, "done", str(relative), nfe,
                     wall_seconds, model, json.dumps(dict(params), sort_keys=True), None,
-                    uncached_nfe, json.dumps(stored, sort_keys=True))
+                    uncached_nfe, json.dumps(stored, sort_keys=True), backward_passes)
         return target
 
     def record_failed(self, *, job_id: str, method: str, sample_id: str, task: str, seed: int,
@@ -284,17 +289,18 @@ class ResultStore:
             OSError: the row cannot be written (``filename``: ``results.sqlite``).
         """
         self._write(job_id, method, sample_id, task, seed, "failed", None, None, None, None, None,
-                    error, None, None)
+                    error, None, None, None)
 
     def _write(self, *values: Any) -> None:
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        *head, uncached_nfe, intermediates = values
+        *head, uncached_nfe, intermediates, backward_passes = values
         try:
             self._db.execute(
                 "INSERT OR REPLACE INTO results (job_id, method, sample_id, task, seed, status, "
                 "image_path, nfe, wall_seconds, model, params, error, finished_at, uncached_nfe, "
-                "intermediates) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (*head, now, uncached_nfe, intermediates),
+                "intermediates, backward_passes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                "?, ?)",
+                (*head, now, uncached_nfe, intermediates, backward_passes),
             )
         except sqlite3.OperationalError as err:  # a full or read-only disk: as an OSError
             self._raise_disk_error(err)

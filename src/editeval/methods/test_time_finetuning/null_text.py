@@ -27,7 +27,8 @@ resolution, aligner).
 NFE = num_inference_steps (pivot) + sum over steps of (3 + n_i) (null-text optimisation: one
 conditional pass, n_i <= null_text_inner_steps iterations, two for the guided step; the total of
 n_i is reported as ``null_text_iterations``) + 4 * num_inference_steps (editing). A cached pivot
-drops the first term, cached embeddings the second.
+drops the first term, cached embeddings the second. Backward passes through the UNet: sum_i n_i
+(one per iteration; 0 with cached embeddings).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ CARD = MethodCard(
     nfe_formula="num_inference_steps (DDIM pivot) + sum_i (3 + n_i) (null-text optimisation, "
                 "n_i <= null_text_inner_steps iterations at step i, total reported as "
                 "null_text_iterations) + 4 * num_inference_steps (editing); a cached pivot drops "
-                "the first term, cached embeddings the second",
+                "the first term, cached embeddings the second; plus sum_i n_i backward passes "
+                "through the UNet (0 with cached embeddings)",
     deviations="learning-rate decay as a fraction of the steps (the same at 50); "
                "early_stop_epsilon=0 turns early stopping off; Prompt-to-Prompt's deviations "
                "(blend resolution, automatic blend words)",

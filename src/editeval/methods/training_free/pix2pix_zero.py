@@ -277,5 +277,4 @@ def pix2pix_zero(pipe: Any, inputs: EditInputs, generator: torch.Generator, *,
         "reconstruction": decode_latents(pipe, reconstruction),
         "sentences": [len(source_set), len(target_set)],
         "edit_direction_norm": float(direction.float().norm()),
-        "backward_passes": num_inference_steps if xa_guidance > 0 else 0,
     })
