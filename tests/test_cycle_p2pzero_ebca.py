@@ -39,18 +39,8 @@ from editeval.methods.training_free.pix2pix_zero import (
     sentence_sets,
 )
 
-SOURCE, TARGET = "a red circle on grass", "a blue circle on grass"
-
-
-@pytest.fixture(scope="module")
-def image() -> Image.Image:
-    """A smooth 64x64 RGB image (the tiny model's resolution)."""
-    y, x = np.mgrid[0:64, 0:64]
-    return Image.fromarray(np.stack([x * 4, y * 4, (x + y) * 2], -1).clip(0, 255).astype(np.uint8))
-
-
-def _relative_error(restored: torch.Tensor, latents: torch.Tensor) -> float:
-    return float((restored.double() - latents.double()).norm() / latents.double().norm())
+# the prompts, the smooth 64x64 source (a pytest fixture) and the latent error of the inversion tests
+from test_inversion_methods import SOURCE, TARGET, _relative_error, image  # noqa: E402, F401
 
 
 def _psnr(a: Image.Image, b: Image.Image) -> float:

@@ -24,6 +24,7 @@ from editeval.bench import ExecutorError, run_bench
 from editeval.cli import app
 from editeval.core import registry
 from editeval.run import Run, RunConfig
+from test_bench import done_rows  # the recorded jobs of a run being killed
 
 ray = pytest.importorskip("ray")
 
@@ -153,14 +154,6 @@ def test_a_method_the_workers_lack_stops_the_run_before_anything_is_written(
         f"the Ray workers on {socket.gethostname()} lack driver-only: install the packages that "
         "provide these methods on every machine")
     assert not (tmp_path / "ray").exists()
-
-
-def done_rows(out: Path) -> int:
-    try:
-        with sqlite3.connect(out / "results.sqlite") as db:
-            return db.execute("SELECT COUNT(*) FROM results WHERE status='done'").fetchone()[0]
-    except sqlite3.OperationalError:  # not created yet
-        return 0
 
 
 @pytest.mark.slow

@@ -43,6 +43,21 @@ from editeval.diffusion.latents import encode_image, encode_prompt
 LAMBDA_AC, LAMBDA_KL, NUM_REG_STEPS, NUM_AC_ROLLS = 20.0, 20.0, 5, 5
 
 
+def check_regularisation(method: str, *, lambda_ac: float, lambda_kl: float, num_reg_steps: int,
+                         num_ac_rolls: int) -> None:
+    """Refuse regularisation settings out of range, naming ``method`` (a method's parameter check).
+
+    Raises:
+        ValueError: a negative lambda or ``num_reg_steps``, or ``num_ac_rolls`` below 1.
+    """
+    for name, value in (("lambda_ac", lambda_ac), ("lambda_kl", lambda_kl)):
+        if value < 0:
+            raise ValueError(f"{method}: {name} must be >= 0, got {value}")
+    if num_reg_steps < 0 or num_ac_rolls < 1:
+        raise ValueError(f"{method}: num_reg_steps must be >= 0 and num_ac_rolls >= 1, got "
+                         f"{num_reg_steps} and {num_ac_rolls}")
+
+
 def auto_correlation_loss(noise: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Pix2Pix-Zero's pairwise loss of (1, C, H, W) ``noise`` (a 0-dim tensor, differentiable).
 

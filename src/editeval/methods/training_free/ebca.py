@@ -61,7 +61,10 @@ from editeval.diffusion.attention import swap_attention_processors
 from editeval.diffusion.ddim import ddim_sample, ddim_scheduler
 from editeval.diffusion.latents import decode_latents, encode_prompt
 from editeval.diffusion.p2p_align import align_prompts
-from editeval.diffusion.regularised_inversion import regularised_inversion
+from editeval.diffusion.regularised_inversion import (
+    check_regularisation,
+    regularised_inversion,
+)
 
 
 def bayesian_context_update(query: torch.Tensor, key: torch.Tensor, scale: float,
@@ -261,8 +264,7 @@ def _check(*, num_inference_steps: int, guidance_scale: float, gamma_attn: float
     for name, value in (("gamma_attn", gamma_attn), ("gamma_norm", gamma_norm),
                         ("conjunction_alpha", conjunction_alpha),
                         ("conjunction_gamma", conjunction_gamma),
-                        ("negation_gamma", negation_gamma), ("lambda_ac", lambda_ac),
-                        ("lambda_kl", lambda_kl)):
+                        ("negation_gamma", negation_gamma)):
         if value < 0:
             raise ValueError(f"ebca: {name} must be >= 0, got {value}")
     if not 0.0 <= negation_alpha < 1.0:
@@ -271,9 +273,8 @@ def _check(*, num_inference_steps: int, guidance_scale: float, gamma_attn: float
     for name, value in (("alpha_tau", alpha_tau), ("gamma_tau", gamma_tau)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"ebca: {name} is a fraction of the steps in [0, 1], got {value}")
-    if num_reg_steps < 0 or num_ac_rolls < 1:
-        raise ValueError(f"ebca: num_reg_steps must be >= 0 and num_ac_rolls >= 1, got "
-                         f"{num_reg_steps} and {num_ac_rolls}")
+    check_regularisation("ebca", lambda_ac=lambda_ac, lambda_kl=lambda_kl,
+                         num_reg_steps=num_reg_steps, num_ac_rolls=num_ac_rolls)
 
 
 @register_method(CARD, check=_check)

@@ -64,7 +64,10 @@ from editeval.diffusion.ddim import (
     noise_levels,
 )
 from editeval.diffusion.latents import decode_latents
-from editeval.diffusion.regularised_inversion import regularised_inversion
+from editeval.diffusion.regularised_inversion import (
+    check_regularisation,
+    regularised_inversion,
+)
 
 SENTENCE_TEMPLATES = (
     "{}",
@@ -220,13 +223,11 @@ def _check(*, num_inference_steps: int, guidance_scale: float, xa_guidance: floa
     if num_inference_steps < 1:
         raise ValueError(f"pix2pix-zero: num_inference_steps must be >= 1, got "
                          f"{num_inference_steps}")
-    for name, value in (("guidance_scale", guidance_scale), ("xa_guidance", xa_guidance),
-                        ("lambda_ac", lambda_ac), ("lambda_kl", lambda_kl)):
+    for name, value in (("guidance_scale", guidance_scale), ("xa_guidance", xa_guidance)):
         if value < 0:
             raise ValueError(f"pix2pix-zero: {name} must be >= 0, got {value}")
-    if num_reg_steps < 0 or num_ac_rolls < 1:
-        raise ValueError(f"pix2pix-zero: num_reg_steps must be >= 0 and num_ac_rolls >= 1, got "
-                         f"{num_reg_steps} and {num_ac_rolls}")
+    check_regularisation("pix2pix-zero", lambda_ac=lambda_ac, lambda_kl=lambda_kl,
+                         num_reg_steps=num_reg_steps, num_ac_rolls=num_ac_rolls)
     if bool(source_sentences) != bool(target_sentences):
         raise ValueError("pix2pix-zero: give both source_sentences and target_sentences (files "
                          "of sentences, one a line), or neither (sentences from templates over "
