@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -110,6 +110,24 @@ def _input_warnings_as_lines() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _step_display(description: str, total: int) -> Iterator[Callable[..., None]]:
+    """A rich bar for one :func:`editeval.core.progress.step_progress` task of an edit (on
+    standard error): the task, its steps and the latest values (an optimisation's loss)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[values]}"), TimeElapsedColumn(), console=errors,
+                  transient=True) as progress:
+        task = progress.add_task(description, total=total, values="")
+
+        def update(**values: float) -> None:
+            shown = "  ".join(f"{name} {value:.4g}" for name, value in values.items())
+            progress.update(task, advance=1, values=shown)
+
+        yield update
+
+
 @app.command()
 def edit(
     image: Annotated[Path, typer.Argument(help="Source image (any format Pillow reads).")],
@@ -135,6 +153,7 @@ def edit(
     from PIL import Image
 
     from editeval.core import EditRequest
+    from editeval.core.progress import showing_progress
     from editeval.editing import edit as run_edit
 
     with _clean_errors(), _input_warnings_as_lines():
@@ -145,7 +164,8 @@ def edit(
                               instruction=instruction, mask=mask, seed=seed,
                               params=_parse_params(param, qualified=False),
                               resize_mask=resize_mask, truncate_prompts=truncate_prompts)
-        result = run_edit(request, method, model=model, device=device, dtype=dtype)
+        with showing_progress(_step_display):
+            result = run_edit(request, method, model=model, device=device, dtype=dtype)
     output.parent.mkdir(parents=True, exist_ok=True)
     result.image.save(output)
     console.print(f"wrote {output} ({result.image.width}x{result.image.height}); "

@@ -317,12 +317,19 @@ def edit(
     inputs, geometry, notes = prepare_inputs(checked, card, request, pipe, inversion_cache)
     _warn(notes)
     generator = torch.Generator("cpu").manual_seed(request.seed)
+    cuda = torch.device(pipe.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(pipe.device)
     with count_nfe(denoiser(pipe)) as counter:
         start = time.perf_counter()
         output = registered.fn(pipe, inputs, generator, **params)
         wall = time.perf_counter() - start
     notes = [*checked.warnings, *notes]
     intermediates = {**output.intermediates, "warnings": notes} if notes else output.intermediates
+    if cuda:  # the device reports it; on the CPU there is no comparable figure
+        intermediates = {**intermediates,
+                         "peak_memory_mib": round(torch.cuda.max_memory_allocated(pipe.device)
+                                                  / 2**20, 1)}
     return EditResult(
         image=geometry.to_source(output.image),
         model_image=output.image,

@@ -131,8 +131,7 @@ def count_nfe(module: torch.nn.Module) -> Iterator[NFECounter]:
     The counter is also :func:`current_counter` inside the block; the hooks are always removed.
     """
     counter = NFECounter()
-    handles = [module.register_forward_pre_hook(counter._hook, with_kwargs=True),
-               module.register_forward_hook(counter._output_hook, with_kwargs=True)]
+    handles = _attach(counter, module)
     token = _ACTIVE.set(counter)
     try:
         yield counter
@@ -140,6 +139,27 @@ def count_nfe(module: torch.nn.Module) -> Iterator[NFECounter]:
         _ACTIVE.reset(token)
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def count_also(module: torch.nn.Module) -> Iterator[NFECounter | None]:
+    """Count ``module``'s forward and backward passes in the running :func:`count_nfe` block too,
+    inside the ``with`` block: for a second denoiser an edit evaluates, such as the trainable copy
+    a test-time finetuning method fits (:mod:`editeval.diffusion.finetuning`). Outside any
+    counting block it counts nothing (and yields ``None``); the hooks are always removed.
+    """
+    counter = current_counter()
+    handles = [] if counter is None else _attach(counter, module)
+    try:
+        yield counter
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _attach(counter: NFECounter, module: torch.nn.Module) -> list:
+    return [module.register_forward_pre_hook(counter._hook, with_kwargs=True),
+            module.register_forward_hook(counter._output_hook, with_kwargs=True)]
 
 
 def current_counter() -> NFECounter | None:

@@ -77,7 +77,8 @@ class EditResult:
             differentiate through it: guidance, embedding or weight optimisation), counted by
             :class:`~editeval.core.nfe.NFECounter`; 0 for a method that takes no gradient.
         intermediates: anything worth keeping (inverted latents, masks, ...), by name; the
-            input warnings again under ``"warnings"`` (when there are any), so a run stores them.
+            input warnings again under ``"warnings"`` (when there are any), so a run stores them;
+            on CUDA the edit's peak allocated device memory under ``"peak_memory_mib"`` (MiB).
         warnings: what the edit noted about its inputs (an input the method does not use, a
             truncated prompt, identical prompts, a dataset's full mask taken as none), one
             sentence each; each was also issued as an :class:`editeval.editing.EditInputWarning`.

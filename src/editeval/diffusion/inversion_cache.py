@@ -12,6 +12,12 @@ the inversion's cost; methods report ``inversion_cached`` in their intermediates
 what computing it cost (the NFE counted while it was computed), and a hit adds that to the running
 edit's :attr:`~editeval.core.nfe.NFECounter.saved`, so an edit's uncached NFE is known whichever
 method computed the inversion first.
+
+Large entries (a test-time finetuning method's fitted weights, :mod:`editeval.diffusion.
+finetuning`) are kept apart: in memory only the most recent one, on disk under
+``<directory>/finetuned/`` at most ``large_bytes`` in all (default :data:`LARGE_BYTES`, 8 GiB: two
+float32 Stable Diffusion 1.x UNets), the least recently used deleted first; an entry larger than
+the bound is kept in memory only.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from editeval.diffusion.weights import weights_digest
 
 Value = dict[str, Any]  # tensors, lists of tensors and plain numbers
 FORMAT = 2  # on-disk entries: {"format", "nfe", "value"}; other files are recomputed
+LARGE_BYTES = 8 * 1024**3
+"""The default bound of the large entries kept on disk (bytes)."""
 
 
 def image_digest(image: Image.Image) -> str:
@@ -97,29 +105,40 @@ class InversionCache:
     Args:
         directory: where to keep ``<key>.pt`` files; ``None`` keeps them in memory only.
         memory_items: how many inversions to keep in memory.
+        large_bytes: the most bytes of large entries kept on disk.
     """
 
-    def __init__(self, directory: str | os.PathLike | None = None, memory_items: int = 8) -> None:
+    def __init__(self, directory: str | os.PathLike | None = None, memory_items: int = 8,
+                 large_bytes: int = LARGE_BYTES) -> None:
         self.directory = None if directory is None else Path(directory)
         self.memory_items = memory_items
+        self.large_bytes = large_bytes
         self._memory: OrderedDict[str, tuple[Value, int]] = OrderedDict()
+        self._large: OrderedDict[str, tuple[Value, int]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get_or_compute(self, key: str, compute: Callable[[], Value]) -> tuple[Value, bool]:
+    def get_or_compute(self, key: str, compute: Callable[[], Value],
+                       large: bool = False) -> tuple[Value, bool]:
         """The inversion stored under ``key``, or ``compute()``'s result, stored; and whether it hit.
 
         On a miss the NFE counted while computing is stored with the entry; on a hit it is added to
         the active counter's ``saved`` (:func:`~editeval.core.nfe.current_counter`). Tensors come
-        back on the CPU when read from disk; methods move them to their device.
+        back on the CPU when read from disk; methods move them to their device. ``large``: a large
+        entry (fitted weights: see the module), kept under its own bounds.
         """
         counter = current_counter()
-        entry = self._memory.get(key)
-        if entry is None and self.directory is not None:
-            entry = _read(self.directory / f"{key}.pt")
+        memory = self._large if large else self._memory
+        path = None if self.directory is None else \
+            (self.directory / "finetuned" if large else self.directory) / f"{key}.pt"
+        entry = memory.get(key)
+        if entry is None and path is not None:
+            entry = _read(path)
+            if entry is not None and large:
+                os.utime(path)  # least recently used goes first
         if entry is not None:
             self.hits += 1
-            self._remember(key, entry)
+            self._remember(memory, key, entry, 1 if large else self.memory_items)
             if counter is not None:
                 counter.saved += entry[1]
             return entry[0], True
@@ -127,21 +146,44 @@ class InversionCache:
         before = 0 if counter is None else counter.nfe
         value = compute()
         entry = (value, 0 if counter is None else counter.nfe - before)
-        self._remember(key, entry)
-        if self.directory is not None:
-            self._save(key, entry)
+        self._remember(memory, key, entry, 1 if large else self.memory_items)
+        if path is not None:
+            self._save(path, entry, self.large_bytes if large else None)
         return value, False
 
-    def _remember(self, key: str, entry: tuple[Value, int]) -> None:
-        self._memory[key] = entry
-        self._memory.move_to_end(key)
-        while len(self._memory) > self.memory_items:
-            self._memory.popitem(last=False)
+    @staticmethod
+    def _remember(memory: OrderedDict, key: str, entry: tuple[Value, int], items: int) -> None:
+        memory[key] = entry
+        memory.move_to_end(key)
+        while len(memory) > items:
+            memory.popitem(last=False)
 
-    def _save(self, key: str, entry: tuple[Value, int]) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+    @staticmethod
+    def _save(path: Path, entry: tuple[Value, int], bound: int | None) -> None:
         cpu = {"format": FORMAT, "nfe": entry[1], "value": to_cpu(entry[0])}
-        atomic_write(self.directory / f"{key}.pt", lambda handle: torch.save(cpu, handle))
+        if bound is not None and _size(cpu["value"]) > bound:
+            return  # larger than the bound: memory only
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda handle: torch.save(cpu, handle))
+        if bound is not None:
+            files = sorted(path.parent.glob("*.pt"), key=lambda f: f.stat().st_mtime_ns)
+            total = sum(f.stat().st_size for f in files)
+            for old in files:
+                if total <= bound or old == path:
+                    break
+                total -= old.stat().st_size
+                old.unlink(missing_ok=True)
+
+
+def _size(value: Any) -> int:
+    """Bytes of the tensors in ``value`` (nested dicts and lists)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Mapping):
+        return sum(_size(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_size(v) for v in value)
+    return 0
 
 
 def _read(path: Path) -> tuple[Value, int] | None:
@@ -158,9 +200,10 @@ def _read(path: Path) -> tuple[Value, int] | None:
     return stored["value"], int(stored["nfe"])
 
 
-def cached_inversion(cache: InversionCache | None, key: str,
-                     compute: Callable[[], Value]) -> tuple[Value, bool]:
-    """``cache.get_or_compute(key, compute)``, or ``compute()`` (never cached) when ``cache`` is None."""
+def cached_inversion(cache: InversionCache | None, key: str, compute: Callable[[], Value],
+                     large: bool = False) -> tuple[Value, bool]:
+    """``cache.get_or_compute(key, compute, large)``, or ``compute()`` (never cached) when
+    ``cache`` is None."""
     if cache is None:
         return compute(), False
-    return cache.get_or_compute(key, compute)
+    return cache.get_or_compute(key, compute, large)
