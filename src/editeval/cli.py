@@ -432,6 +432,7 @@ def methods(
             ("tasks", ", ".join(card.tasks)),
             ("defaults", ", ".join(f"{k}={v}" for k, v in card.defaults.items())),
             ("NFE per edit", card.nfe_formula),
+            ("backward passes", "" if card.backward_formula == "0" else card.backward_formula),
             ("deviations", card.deviations),
             ("note", card.note),
         ]

@@ -60,6 +60,8 @@ class MethodCard:
         tasks: EditEval tasks it is meant for.
         defaults: parameter defaults, from the paper.
         nfe_formula: denoiser evaluations per edit, as a formula of the parameters.
+        backward_formula: backward passes through the denoiser per edit (gradient steps), as a
+            formula of the parameters; ``"0"`` for a method that takes no gradient.
         deviations: where we depart from the paper, and why.
         note: anything else a user should know.
     """
@@ -77,6 +79,7 @@ class MethodCard:
     deviations: str = ""
     note: str = ""
     optional_inputs: tuple[str, ...] = ()
+    backward_formula: str = "0"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

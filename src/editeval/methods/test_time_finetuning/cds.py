@@ -53,8 +53,8 @@ CARD = MethodCard(
     tasks=TASKS,
     defaults={**DDS_CARD.defaults, "w_dds": 1.0, "w_cut": 3.0, "n_patches": 256,
               "patch_sizes": "1,2"},
-    nfe_formula="5 * num_iterations (the DDS batch of 4 and the target pass); num_iterations "
-                "backward passes through the UNet (0 when w_cut is 0)",
+    nfe_formula="5 * num_iterations (the DDS batch of 4 and the target pass)",
+    backward_formula="num_iterations (0 when w_cut is 0)",
     deviations="second pass on the conditional branch only (official: also the unconditional "
                "one, which enters no loss); frozen weights; timesteps, noise and patches from "
                "the edit's generator; the UNet in the pipeline's dtype, the latent in float32",

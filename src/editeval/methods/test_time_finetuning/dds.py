@@ -53,8 +53,9 @@ CARD = MethodCard(
     tasks=TASKS,
     defaults={"num_iterations": 200, "learning_rate": 0.1, "loss_scale": 2000.0,
               "guidance_scale": 7.5, "t_min": 50, "t_max": 950},
-    nfe_formula="4 * num_iterations (a batch of 4 a step); 0 backward passes through the UNet; "
-                "num_iterations gradient steps on the latent",
+    nfe_formula="4 * num_iterations (a batch of 4 a step)",
+    backward_formula="0 (the score difference is taken without a graph; num_iterations "
+                     "gradient steps on the latent)",
     deviations="timesteps and noise from the edit's generator; the UNet in the pipeline's dtype "
                "(official: fp16 autocast), the latent optimised in float32",
     note="Optimisation-based: no inversion, no sampling loop. The official step normalises by "

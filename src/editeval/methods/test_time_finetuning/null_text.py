@@ -61,8 +61,8 @@ CARD = MethodCard(
     nfe_formula="num_inference_steps (DDIM pivot) + sum_i (3 + n_i) (null-text optimisation, "
                 "n_i <= null_text_inner_steps iterations at step i, total reported as "
                 "null_text_iterations) + 4 * num_inference_steps (editing); a cached pivot drops "
-                "the first term, cached embeddings the second; plus sum_i n_i backward passes "
-                "through the UNet (0 with cached embeddings)",
+                "the first term, cached embeddings the second",
+    backward_formula="sum_i n_i (0 with cached embeddings)",
     deviations="learning-rate decay as a fraction of the steps (the same at 50); "
                "early_stop_epsilon=0 turns early stopping off; Prompt-to-Prompt's deviations "
                "(blend resolution, automatic blend words)",

@@ -236,7 +236,7 @@ CARD = MethodCard(
               "gamma_tau": 0.5, "editorial": "words", "lambda_ac": 20.0, "lambda_kl": 20.0,
               "num_reg_steps": 5, "num_ac_rolls": 5},
     nfe_formula="num_inference_steps (regularised inversion; 0 when cached) + 2 * "
-                "num_inference_steps (sampling with guidance); no backward pass",
+                "num_inference_steps (sampling with guidance)",
     deviations="editorial prompts from the prompt pair's differing words (conjunction: the "
                "target's, negation: the source's; editorial=prompts: the whole prompts; official: "
                "given by hand); the source prompt as "

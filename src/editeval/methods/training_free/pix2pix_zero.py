@@ -204,8 +204,8 @@ CARD = MethodCard(
               "source_sentences": "", "target_sentences": ""},
     nfe_formula="num_inference_steps (regularised inversion; 0 when cached) + num_inference_steps "
                 "(reference) + 4 * num_inference_steps (guided pass and prediction, each a batch "
-                "of 2; 1 each when guidance_scale is 1; no guided pass when xa_guidance is 0); "
-                "plus num_inference_steps backward passes through the UNet",
+                "of 2; 1 each when guidance_scale is 1; no guided pass when xa_guidance is 0)",
+    backward_formula="num_inference_steps (0 when xa_guidance is 0)",
     deviations="sentence sets from templates over the source and target prompts (paper: ~1000 "
                "GPT-3 sentences; files may be given); the source prompt as caption (official: "
                "BLIP); reference pass on one latent instead of a batch of two equal halves; "
