@@ -244,12 +244,13 @@ def bench(
         stats = {}
     table = Table(title=f"{out}  ({summary.done} done and {summary.failed} failed now, "
                         f"{summary.skipped} finished before)")
-    for column in ("method", "done", "failed", "mean NFE", "uncached NFE", "mean s/edit"):
+    for column in ("method", "done", "failed", "mean NFE", "uncached NFE", "backward passes",
+                   "mean s/edit"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for name, row in sorted(stats.items()):
         cells = [f"{row[key]:{form}}" if row["done"] and row[key] == row[key] else "-"
                  for key, form in (("mean_nfe", ".0f"), ("mean_uncached_nfe", ".0f"),
-                                   ("mean_seconds", ".2f"))]
+                                   ("mean_backward", ".0f"), ("mean_seconds", ".2f"))]
         table.add_row(name, str(row["done"]), str(row["failed"]), *cells)
     console.print(table)
     for name, (count, first) in sorted(summary.warned.items()):

@@ -152,7 +152,8 @@ def _progress(console: Console) -> Progress:
 
 def summarize(rows: Iterable[Any]) -> dict[str, Mapping[str, float]]:
     """Per method: jobs done and failed, and over the done ones the mean NFE spent, the mean
-    uncached NFE (over rows that record it) and the mean wall seconds."""
+    uncached NFE and the mean backward passes through the denoiser (each over the rows that
+    record it) and the mean wall seconds."""
     stats: dict[str, Counter] = {}
     for row in rows:
         entry = stats.setdefault(row.method, Counter())
@@ -163,6 +164,9 @@ def summarize(rows: Iterable[Any]) -> dict[str, Mapping[str, float]]:
             if row.uncached_nfe is not None:
                 entry["uncached"] += row.uncached_nfe
                 entry["with_uncached"] += 1
+            if row.backward_passes is not None:
+                entry["backward"] += row.backward_passes
+                entry["with_backward"] += 1
     return {
         method: {
             "done": c["done"],
@@ -170,6 +174,8 @@ def summarize(rows: Iterable[Any]) -> dict[str, Mapping[str, float]]:
             "mean_nfe": c["nfe"] / c["done"] if c["done"] else float("nan"),
             "mean_uncached_nfe": (c["uncached"] / c["with_uncached"] if c["with_uncached"]
                                   else float("nan")),
+            "mean_backward": (c["backward"] / c["with_backward"] if c["with_backward"]
+                              else float("nan")),
             "mean_seconds": c["wall"] / c["done"] if c["done"] else float("nan"),
         }
         for method, c in stats.items()

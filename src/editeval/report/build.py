@@ -163,7 +163,7 @@ def leaderboard_table(run: Run, judge: str | None = None) -> tuple[pd.DataFrame,
     without a judgement; for each per-image metric label ``L`` (:func:`metric_labels`)
     ``L_mean``/``L_std``/``L_nan`` (images without a value, dropped); ``fid``/``kid`` where
     stored; ``nfe`` (mean NFE spent in this run), ``uncached_nfe`` (mean NFE on its own),
-    ``seconds`` (mean wall seconds per edit), ``done``/``failed`` (jobs).
+    ``backward`` (mean backward passes through the denoiser), ``seconds`` (mean wall seconds per edit), ``done``/``failed`` (jobs).
 
     Per-task ranks are the judge leaderboard's (:func:`editeval.judge.leaderboard`); the
     ``all`` rows are ranked alike: by mean, methods whose means agree to the 2 decimals shown
@@ -191,6 +191,7 @@ def leaderboard_table(run: Run, judge: str | None = None) -> tuple[pd.DataFrame,
                 c = cost[method]
                 records.append({"task": task, "method": method, "nfe": c["mean_nfe"],
                                 "uncached_nfe": c["mean_uncached_nfe"],
+                                "backward": c["mean_backward"],
                                 "seconds": c["mean_seconds"], "done": c["done"],
                                 "failed": c["failed"]})
     table = pd.DataFrame(records)

@@ -177,6 +177,7 @@ def _edit_view(edit: Edit, images: _Images, run: Run) -> dict:
                             "s_all": _number(edit.s_all), "judgements": [],
                             "metrics": [(k, _metric(v)) for k, v in edit.metrics.items()],
                             "nfe": _number(row.nfe), "uncached_nfe": _number(row.uncached_nfe),
+                            "backward": _number(row.backward_passes),
                             "seconds": _number(row.wall_seconds)}
     source = run.image_path(row) if row.status == "done" else None
     if source is not None and not source.is_file():  # deleted since: the bench redoes the job
@@ -220,7 +221,8 @@ def _leaderboard_sections(data: ReportData) -> list[dict]:
                 cells.append(_number(r["lmm_n"], 0) + (
                     f" ({int(r['lmm_failures'])} failed)" if r["lmm_failures"] > 0 else ""))
             cells += [_metric(r[s]) for s in sets]
-            cells += [_number(r["nfe"], 0), _number(r["uncached_nfe"], 0), _number(r["seconds"]),
+            cells += [_number(r["nfe"], 0), _number(r["uncached_nfe"], 0),
+                      _number(r["backward"], 0), _number(r["seconds"]),
                       f"{r['done']}" + (f" ({r['failed']} failed)" if r["failed"] else "")]
             rank = "-" if pd.isna(r["rank"]) else str(int(r["rank"]))
             body.append({"method": r["method"], "rank": rank, "cells": cells})
@@ -229,7 +231,7 @@ def _leaderboard_sections(data: ReportData) -> list[dict]:
     header = [label + (" (mean ± std)" if p == LMM else "") for label, p in columns]
     header += ["judged"] if data.identity else []
     header += [s.upper() for s in sets]
-    header += ["NFE spent", "NFE (own)", "s/edit", "jobs"]
+    header += ["NFE spent", "NFE (own)", "backward passes", "s/edit", "jobs"]
     return [{"header": header, **s} for s in sections]
 
 
@@ -394,7 +396,8 @@ Methods:
 {% endfor %}
 <p class="muted">Ranks by mean LMM Score (S_all = 0.4 acc + 0.3 pre + 0.2 qua + 0.1 real, 1..10);
 std over samples. NFE spent: denoiser evaluations in this run (a reused inversion costs 0); NFE
-(own): the method's cost on its own.</p>
+(own): the method's cost on its own; backward passes: gradient steps through the denoiser (test-time
+finetuning and guidance by gradients).</p>
 </div>
 
 {% if plots %}
@@ -438,7 +441,7 @@ std over samples. NFE spent: denoiser evaluations in this run (a reused inversio
 <pre></pre></details>
 {% endfor %}
 {% if e.metrics %}<div>{% for name, value in e.metrics %}{{ name }} {{ value }}{% if not loop.last %} · {% endif %}{% endfor %}</div>{% endif %}
-<div class="muted">NFE {{ e.nfe }} (own {{ e.uncached_nfe }}) · {{ e.seconds }} s</div>
+<div class="muted">NFE {{ e.nfe }} (own {{ e.uncached_nfe }}){% if e.backward not in ("-", "0") %} · {{ e.backward }} backward{% endif %} · {{ e.seconds }} s</div>
 {% for name, pic in e.masks %}<a href="{{ pic.full }}" title="{{ name }}"><img class="mask" src="{{ pic.thumb }}" width="{{ pic.width }}" height="{{ pic.height }}" loading="lazy" alt="{{ name }}"></a>{% endfor %}
 {% if e.masks %}<div class="muted">generated: {{ e.masks|map("first")|join(", ") }}</div>{% endif %}
 {% endif %}

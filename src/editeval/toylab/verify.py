@@ -37,7 +37,8 @@ def verify(methods: list[str], per_task: int, out: Path, model: str = "toy",
     """Run ``methods`` on ``editeval-toy`` (resumable, in ``out``) and judge every edit.
 
     Returns ``{method: {"success": {task: rate}, "mean_success": rate, "unedited_psnr": dB,
-    "nfe": mean uncached NFE, "seconds": mean, "n": edits, "failed": jobs}}``; rates in [0, 1].
+    "nfe": mean uncached NFE, "backward": mean backward passes through the denoiser, "seconds":
+    mean, "n": edits, "failed": jobs}}``; rates in [0, 1].
     The NFE is each edit's own cost, as if no inversion were cached (so it does not depend on
     which method of the run computed a shared inversion first).
     """
@@ -49,7 +50,7 @@ def verify(methods: list[str], per_task: int, out: Path, model: str = "toy",
                         per_task=per_task, params=params or {}))
     success: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     unedited: dict[str, list[float]] = defaultdict(list)
-    cost: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    cost: dict[str, list[tuple[int, float, int]]] = defaultdict(list)
     failed: dict[str, int] = defaultdict(int)
     with Run.open(out) as run:
         samples = {s.id: s for s in run.dataset.select(per_task=per_task)}
@@ -64,7 +65,7 @@ def verify(methods: list[str], per_task: int, out: Path, model: str = "toy",
             if np.isfinite(judged.unedited_psnr_vs_target):
                 unedited[row.method].append(judged.unedited_psnr_vs_target)
             nfe = row.nfe if row.uncached_nfe is None else row.uncached_nfe
-            cost[row.method].append((nfe, row.wall_seconds))
+            cost[row.method].append((nfe, row.wall_seconds, row.backward_passes or 0))
     report = {}
     for method in methods:
         per = {task: float(np.mean(v)) for task, v in success[method].items()}
@@ -74,6 +75,7 @@ def verify(methods: list[str], per_task: int, out: Path, model: str = "toy",
             "unedited_psnr": float(np.mean(unedited[method])) if unedited[method] else float("nan"),
             "nfe": float(np.mean([c[0] for c in cost[method]])) if cost[method] else float("nan"),
             "seconds": float(np.mean([c[1] for c in cost[method]])) if cost[method] else float("nan"),
+            "backward": float(np.mean([c[2] for c in cost[method]])) if cost[method] else float("nan"),
             "n": len(cost[method]),
             "failed": failed[method],
         }
@@ -85,14 +87,15 @@ def markdown(report: dict[str, dict[str, Any]]) -> str:
     from editeval.core import get_method
 
     header = ["method", "paper", *(SHORT[t] for t in TASKS), "mean", "unedited PSNR (dB)",
-              "NFE/edit", "s/edit", "edits", "failed"]
+              "NFE/edit", "backward/edit", "s/edit", "edits", "failed"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, row in report.items():
         card = get_method(method).card
         cells = [method, f"{card.paper.venue} {card.paper.year}"]
         cells += [f"{100 * row['success'][t]:.0f}" if t in row["success"] else "-" for t in TASKS]
         cells += [f"{100 * row['mean_success']:.1f}", f"{row['unedited_psnr']:.1f}",
-                  f"{row['nfe']:.0f}", f"{row['seconds']:.2f}", str(row["n"]), str(row["failed"])]
+                  f"{row['nfe']:.0f}", f"{row['backward']:.0f}", f"{row['seconds']:.2f}",
+                  str(row["n"]), str(row["failed"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
