@@ -151,6 +151,8 @@ against exact ground truth (docs/toyworld.md).
   counting 2, uncached: the method's own cost, as if no inversion had been reused from the run's
   inversion cache, so it does not depend on which method of the run ran first (each card's
   formula: `editeval methods`).
+- **backward/edit**: backward passes through the denoiser per edit (gradient steps of test-time
+  finetuning and of guidance by gradients; 0 for the other methods).
 - **s/edit**: wall time per edit as spent in the run (a method that reused an inversion from the
   run's cache did not spend the time to compute it), on this machine:
   {platform.processor() or platform.machine()}, CPU, {torch.get_num_threads()} torch thread(s).
