@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from editeval.core.progress import step_progress
 from editeval.diffusion.ddim import model_noise, noise_level_terms
 
 NCE_TEMPERATURE = 0.07
@@ -42,7 +43,8 @@ class OptimisedLatents:
 
 
 def optimise_latents(start: torch.Tensor, loss: Callable[[torch.Tensor, int], torch.Tensor],
-                     iterations: int, learning_rate: float) -> OptimisedLatents:
+                     iterations: int, learning_rate: float,
+                     description: str = "latent optimisation") -> OptimisedLatents:
     """Minimise ``loss(latents, i)`` over the latent by ``iterations`` SGD steps of size
     ``learning_rate`` from ``start``.
 
@@ -53,6 +55,8 @@ def optimise_latents(start: torch.Tensor, loss: Callable[[torch.Tensor, int], to
             gradients; it may evaluate the denoiser with or without a graph.
         iterations: number of steps, >= 0.
         learning_rate: the SGD step size, > 0.
+        description: what the progress display (:func:`~editeval.core.progress.step_progress`,
+            shown by ``editeval edit``) calls the loop; it shows every step's loss.
 
     Raises:
         ValueError: ``iterations < 0`` or ``learning_rate <= 0``.
@@ -63,13 +67,14 @@ def optimise_latents(start: torch.Tensor, loss: Callable[[torch.Tensor, int], to
     latents = start.detach().float().clone().requires_grad_(True)
     optimiser = torch.optim.SGD([latents], lr=learning_rate)
     losses = []
-    with torch.enable_grad():
+    with torch.enable_grad(), step_progress(description, iterations) as update:
         for i in range(iterations):
             value = loss(latents, i)
             # the gradient of the latent only: the denoiser's weights gather no .grad
             (latents.grad,) = torch.autograd.grad(value, latents)
             optimiser.step()
             losses.append(float(value.detach()))
+            update(loss=losses[-1])
     return OptimisedLatents(latents.detach(), losses)
 
 

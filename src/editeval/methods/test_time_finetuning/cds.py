@@ -121,7 +121,7 @@ def cds(pipe: Any, inputs: EditInputs, generator: torch.Generator, *, num_iterat
                            for name, output in features.items())
         return total + w_cut * contrast
 
-    result = optimise_latents(source, loss, num_iterations, learning_rate)
+    result = optimise_latents(source, loss, num_iterations, learning_rate, "cds: latent")
     return MethodOutput(decode_latents(pipe, result.latents), {
         "optimisation_steps": num_iterations,
         "latent_change": float((result.latents - source.float()).norm() / source.float().norm()),

@@ -99,7 +99,7 @@ def dds(pipe: Any, inputs: EditInputs, generator: torch.Generator, *, num_iterat
                                       texts[0], timestep, noise, guidance_scale)
         return loss_scale * (latents * delta).sum() / area
 
-    result = optimise_latents(source, loss, num_iterations, learning_rate)
+    result = optimise_latents(source, loss, num_iterations, learning_rate, "dds: latent")
     return MethodOutput(decode_latents(pipe, result.latents), {
         "optimisation_steps": num_iterations,
         "latent_change": float((result.latents - source.float()).norm() / source.float().norm()),
