@@ -22,12 +22,16 @@ from pathlib import Path
 CHEAPER: dict[str, dict[str, int]] = {
     "dds": {"num_iterations": 20},
     "cds": {"num_iterations": 20},
+    "forgedit": {"finetune_steps": 4},
+    "imagic": {"embedding_steps": 100, "finetune_steps": 150},
 }
 """The cheaper setting of each method: a tenth of its optimisation steps."""
 
 STEPS: dict[str, tuple[str, ...]] = {
     "dds": ("num_iterations",),
     "cds": ("num_iterations",),
+    "forgedit": ("finetune_steps",),
+    "imagic": ("embedding_steps", "finetune_steps"),
 }
 """The parameters that count a method's optimisation steps (summed in the table)."""
 

@@ -39,11 +39,16 @@ def test_catalog_marks_implemented_papers():
     assert result.exit_code == 0
     implemented = ["instructpix2pix", "null-text", "edict", "ddpm-inversion", "aidi", "p2p", "pnp",
                    "negative-prompt-inversion", "proxedit", "masactrl", "cyclediffusion",
-                   "pix2pix-zero", "ebca", "sega", "ledits", "ledits++", "dds", "cds"]
+                   "pix2pix-zero", "ebca", "sega", "ledits", "ledits++", "dds", "cds", "imagic",
+                   "sine", "forgedit", "diffusion-disentanglement", "blended-latent-diffusion",
+                   "blended-diffusion", "diffedit", "differential-diffusion"]
     assert f"{len(implemented)} of 122 catalog entries" in result.output
     assert all(name in result.output for name in implemented)
     # not in the survey's list: SDEdit (the baseline) and Direct Inversion (Ju et al.)
     assert "sdedit" not in result.output and "direct-inversion" not in result.output
+    # nor the latent diffusion inpainting model (section 7's base) and outpainting with it
+    assert "sd-inpainting" not in result.output and "outpainting" not in result.output
+    assert "repaint" not in result.output  # RePaint (Lugmayr et al.) is not in the list either
 
 
 def test_catalog_rejects_unknown_strategy():

@@ -22,10 +22,12 @@ from editeval.toylab.training import (
     _latents,
     _pixels,
     _reconstruction_loss,
+    _object_masks,
     contrastive_loss,
-    instruction_unet_from,
+    inpainting_mask,
     load_weights,
     new_unet,
+    unet_with_inputs,
     posterior_distillation_loss,
     save_checkpoint,
 )
@@ -129,16 +131,17 @@ def test_contrast_normalised_loss_weighs_a_darkened_scene_as_much_as_the_scene()
             == pytest.approx(0.35 ** 2 * _reconstruction_loss(recon, x).item(), rel=1e-5))
 
 
-def test_instruction_unet_starts_as_the_text_to_image_unet():
+@pytest.mark.parametrize("in_channels", [8, 9])  # InstructPix2Pix, inpainting
+def test_widened_unet_starts_as_the_text_to_image_unet(in_channels):
     torch.manual_seed(0)
     t2i = new_unet(4)
-    ip2p = instruction_unet_from(t2i)
-    assert ip2p.config.in_channels == 8
-    latents, source = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    widened = unet_with_inputs(t2i, in_channels)
+    assert widened.config.in_channels == in_channels
+    latents, extra = torch.randn(1, 4, 8, 8), torch.randn(1, in_channels - 4, 8, 8)
     text = torch.randn(1, 77, t2i.config.cross_attention_dim)
     with torch.no_grad():
         expected = t2i(latents, 500, encoder_hidden_states=text).sample
-        got = ip2p(torch.cat([latents, source], 1), 500, encoder_hidden_states=text).sample
+        got = widened(torch.cat([latents, extra], 1), 500, encoder_hidden_states=text).sample
     assert torch.allclose(got, expected, atol=1e-5)
 
 
@@ -275,18 +278,30 @@ def _folder_sizes(weights) -> dict[str, int]:
             for p in weights.iterdir() if p.is_dir()}
 
 
-def test_import_then_export_gives_back_the_shipped_weights_bit_for_bit(tmp_path):
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """The shipped weights imported as training checkpoints (once: it takes most of the time of
+    an import-export round trip), and the step of each."""
+    from editeval.toylab.export import import_checkpoints
+
+    work = tmp_path_factory.mktemp("imported") / "work"
+    return work, import_checkpoints(work)
+
+
+def test_import_then_export_gives_back_the_shipped_weights_bit_for_bit(tmp_path, imported):
     from safetensors.torch import load_file
 
     from editeval.toylab.export import export, import_checkpoints
     from editeval.toyworld.models import WEIGHTS
 
-    steps = import_checkpoints(tmp_path / "work")
+    work, steps = imported
     assert steps == json.loads((WEIGHTS / "training.json").read_text())
-    assert torch.load(tmp_path / "work" / "unet.ckpt", weights_only=False)["step"] == steps["unet"]
-    export(tmp_path / "work", tmp_path / "out")
+    assert torch.load(work / "unet.ckpt", weights_only=False)["step"] == steps["unet"]
+    export(work, tmp_path / "out")
     shipped = sorted(WEIGHTS.rglob("*.safetensors"))
-    assert len(shipped) == 5
+    models = {"sd/vae", "sd/text_encoder", "sd/unet", "clip"} | {
+        f"{name}/unet" for name in ("ip2p", "inpaint") if name in steps}
+    assert {path.parent.relative_to(WEIGHTS).as_posix() for path in shipped} == models
     for path in shipped:  # the tensors bit for bit (not the file: its header is the library's)
         a, b = load_file(path), load_file(tmp_path / "out" / path.relative_to(WEIGHTS))
         assert a.keys() == b.keys() and all(_same_bits(a[k], b[k]) for k in a), path
@@ -303,9 +318,88 @@ def test_import_then_export_gives_back_the_shipped_weights_bit_for_bit(tmp_path)
     assert sizes == _folder_sizes(tmp_path / "out") and sizes.keys() == shipped_sizes.keys()
     assert all(abs(sizes[k] - shipped_sizes[k]) <= 4096 for k in sizes), (sizes, shipped_sizes)
     with pytest.raises(FileExistsError, match="new --work folder"):
-        import_checkpoints(tmp_path / "work")
+        import_checkpoints(work)
     with pytest.raises(FileNotFoundError, match="training.json"):
         import_checkpoints(tmp_path / "other", weights=tmp_path / "work")
+
+
+def test_inpainting_masks_come_in_their_kinds_and_shares():
+    """Object masks are the toy pairs' own, boxes hold their object, borders keep a centre box,
+    and each kind comes at its share of ``MASK_KINDS`` (a sampler that ignored the shares, or
+    returned object masks for scenes without objects, fails)."""
+    from editeval.toylab.training import MASK_KINDS
+
+    rng = np.random.default_rng(0)
+    objects = np.zeros((2, 64, 64), dtype=bool)
+    objects[0, 10:30, 4:20], objects[1, 30:52, 40:60] = True, True
+    masks = [inpainting_mask(rng, objects) for _ in range(3000)]
+    is_object = [any(np.array_equal(m, o) for o in objects) for m in masks]
+    full = [bool(m.all()) for m in masks]
+    border = [not m.all() and m[0].all() | m[-1].all() | m[:, 0].all() | m[:, -1].all()
+              and not m[20:44, 20:44].any() for m in masks]
+    assert np.mean(is_object) == pytest.approx(MASK_KINDS["object"], abs=0.03)
+    assert np.mean(full) == pytest.approx(MASK_KINDS["everything"], abs=0.02)
+    assert np.mean(border) == pytest.approx(MASK_KINDS["border"], abs=0.03)
+    boxes = [m for m, o in zip(masks, is_object) if not o and any(
+        (m & obj).sum() == obj.sum() and m.sum() > obj.sum() for obj in objects) and not m.all()]
+    assert len(boxes) / len(masks) > MASK_KINDS["box"] - 0.03  # (some rectangles hold one too)
+    empty = [inpainting_mask(rng, objects[:0]) for _ in range(300)]
+    assert all(m.any() for m in empty) and not any(
+        np.array_equal(m, o) for m in empty for o in objects)
+
+
+def test_object_masks_refuse_scenes_of_another_seed():
+    from editeval.toyworld.pairs import _objects_mask
+    from editeval.toyworld.scenes import sample_scene
+
+    rng = np.random.default_rng(5)
+    scenes = [sample_scene(rng) for _ in range(3)]
+    packed = _object_masks(5, [scene.caption() for scene in scenes])
+    masks = np.unpackbits(packed.numpy(), axis=-1).astype(bool)
+    slots = ["left", "middle", "right"]
+    for scene, scene_masks in zip(scenes, masks):
+        for obj in scene.objects:
+            assert np.array_equal(scene_masks[slots.index(obj.slot)], _objects_mask([obj], 64))
+        assert scene_masks.any((1, 2)).sum() == len(scene.objects)
+    with pytest.raises(ValueError, match="--seed the data stage used"):
+        _object_masks(6, [scene.caption() for scene in scenes])
+
+
+def test_the_inpainting_model_exports_beside_sd_and_imports_back(tmp_path, imported):
+    """A zero-initialised inpainting UNet (the inpaint stage's step 0, unless the shipped weights
+    hold a trained one) exported into the toy suite: its own UNet, everything else linked to
+    ``sd/``, loadable as the suite's inpainting checkpoint; the toy weights stay within 80 MB."""
+    from editeval.models import load_pipeline
+    from editeval.toylab.export import export, import_checkpoints
+
+    shipped, steps = imported
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    for path in shipped.iterdir():
+        (work / path.name).symlink_to(path)
+    if "inpaint" not in steps:
+        t2i = new_unet(4)
+        load_weights(t2i, work / "unet.ckpt")
+        save_checkpoint(work / "inpaint.ckpt", unet_with_inputs(t2i, 9), 0, optimizer=None,
+                        numpy_rng=np.random.default_rng(0).bit_generator.state,
+                        torch_rng=torch.get_rng_state())
+    export(work, out)
+    for component in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (out / "inpaint" / component).readlink().as_posix() == f"../sd/{component}"
+    assert json.loads((out / "training.json").read_text())["inpaint"] == steps.get("inpaint", 0)
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert 10e6 < sizes["inpaint"] < 13e6 and sum(sizes.values()) <= 80e6, sizes
+    pipe = load_pipeline(str(out / "inpaint"))
+    assert type(pipe).__name__ == "StableDiffusionInpaintPipeline"
+    assert pipe.unet.config.in_channels == 9
+    if "inpaint" not in steps:  # zero-initialised: the text-to-image UNet's weights
+        t2i = torch.load(shipped / "unet.ckpt", weights_only=False)["model"]["conv_in.weight"]
+        assert pipe.unet.conv_in.weight[:, 4:].abs().max() == 0
+        assert torch.equal(pipe.unet.conv_in.weight[:, :4], t2i.half().float())
+    again = import_checkpoints(tmp_path / "again", weights=out)
+    assert again["inpaint"] == steps.get("inpaint", 0)
+    imported = torch.load(tmp_path / "again" / "inpaint.ckpt", weights_only=False)
+    assert imported["config"]["in_channels"] == 9
 
 
 def test_a_restarted_schedule_starts_a_new_cosine_and_survives_a_resume(tmp_path):

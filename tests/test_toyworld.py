@@ -184,3 +184,13 @@ def test_generation_accuracy_and_shape_confusion_count_by_slot():
     confusion = shape_confusion([SCENE, SCENE], [clean, wrong])
     assert confusion == {"circle": {"circle": 2}, "square": {"square": 1, "circle": 1},
                          "triangle": {"triangle": 1, None: 1}}
+
+
+def test_verify_psnr_mean_of_exact_copies_is_inf_not_nan():
+    # a mean that dropped infinite values showed "nan" for a method that copies the unedited
+    # region exactly (Blended Diffusion), as if it had no unedited region at all
+    from editeval.toylab.verify import _mean_psnr
+
+    assert _mean_psnr([float("inf"), float("inf")]) == float("inf")
+    assert _mean_psnr([30.0, float("inf"), 32.0]) == 31.0  # the edits that differ
+    assert np.isnan(_mean_psnr([]))

@@ -21,7 +21,15 @@ It also holds the input policy every method shares:
   model's resolution. A mask must have the image's aspect ratio (at any resolution, up to a pixel
   of rounding) unless the request asks to stretch it (``resize_mask``). A dataset's mask
   (``from_dataset``) that is all white marks a whole-image edit, such as a style change: for a
-  method whose mask is optional it means no mask.
+  method whose mask is optional it means no mask; a method that needs a mask gets it as it is
+  (edit everywhere).
+- A mask is binarised (grey >= 128 is edit) and resized with nearest neighbour, except for a
+  method whose card reads soft masks (``soft_mask``: grey levels as per-pixel strengths, as
+  Differential Diffusion), which gets the grey levels, resized bilinearly.
+- A method that extends the image (outpainting: its registered ``canvas``) gets the source on a
+  canvas grown by the pixels ``canvas`` gives, the new area as its mask; the edit comes back at
+  the canvas's size (larger than the source), with the source's pixels pasted back exactly where
+  they were. Every other edit comes back at the source's size.
 - Warnings are issued as :class:`EditInputWarning` (the command line prints each as one line) and
   kept in :attr:`EditResult.warnings` and in the result's intermediates under ``"warnings"``, so a
   benchmark run stores them with the job.
@@ -31,16 +39,17 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from editeval.core.nfe import count_nfe, denoiser
 from editeval.core.registry import INPUTS, MethodCard, get_method
 from editeval.core.types import EditInputs, EditRequest, EditResult
 from editeval.data.images import (
+    MASK_RESAMPLING,
     Geometry,
     MaskError,
     fit_to_resolution,
@@ -118,8 +127,8 @@ class CheckedRequest:
         image: the source image, RGB, at its own size.
         prompts: the prompts the method uses, stripped, by field name (:data:`PROMPTS`); ``""``
             for one not given or not used.
-        mask: the mask the method uses, binary mode ``"L"`` (255 = edit) at its own size, or
-            ``None``; mask_name: how messages name it.
+        mask: the mask the method uses, mode ``"L"`` (255 = edit; binary unless the card reads
+            soft masks) at its own size, or ``None``; mask_name: how messages name it.
         reference: the reference image the method uses, RGB at its own size, or ``None``.
         warnings: the input warnings so far, one sentence each.
     """
@@ -165,7 +174,7 @@ def check_request(request: EditRequest, card: MethodCard) -> CheckedRequest:
     mask, mask_name = None, ""
     if request.mask is not None and "mask" in uses:
         mask_name = source_name(request.mask)
-        mask = load_mask(request.mask, allow_empty=True, allow_full=True)
+        mask = load_mask(request.mask, allow_empty=True, allow_full=True, soft=card.soft_mask)
         if not request.resize_mask and not same_aspect(mask.size, image.size):
             (w, h), (iw, ih) = mask.size, image.size
             raise MaskError(
@@ -186,8 +195,8 @@ def _same_text(first: str, second: str) -> bool:
 
 def _usable_mask(mask: Image.Image, name: str, where: str, card: MethodCard,
                  request: EditRequest, notes: list[str]) -> Image.Image | None:
-    """``mask``, or ``None`` for a dataset's all-white optional mask (noted); refuses an
-    all-black or all-white one otherwise. ``where`` qualifies the name (at the model's size)."""
+    """``mask``, or ``None`` for a dataset's all-white optional mask; refuses an all-black one,
+    and an all-white one not from a dataset. ``where`` qualifies the name (at the model's size)."""
     low, high = mask.getextrema()
     if high == 0:
         raise MaskError(f"mask {name}{where} is all black: it marks nothing to edit; paint the "
@@ -195,8 +204,8 @@ def _usable_mask(mask: Image.Image, name: str, where: str, card: MethodCard,
     if low < 255:
         return mask
     optional = "mask" in card.optional_inputs
-    if optional and request.from_dataset:
-        return None
+    if request.from_dataset:  # a whole-image edit: no mask, or the full one for who needs one
+        return None if optional else mask
     fix = ("leave --mask out to edit the whole image" if optional
            else f"{card.name} needs black where the image must be kept")
     raise MaskError(f"mask {name}{where} is all white: it keeps nothing; {fix}")
@@ -237,7 +246,8 @@ def prepare_inputs(checked: CheckedRequest, card: MethodCard, request: EditReque
                    inversion_cache: Any = None) -> tuple[EditInputs, Geometry, list[str]]:
     """Bring a checked request to ``pipe``: prompts fitted to its tokenizer (:func:`fit_prompts`),
     the image to its resolution (:func:`~editeval.data.images.fit_to_resolution`), the mask
-    (nearest neighbour, so it stays binary, and checked again there) and the reference to the
+    (nearest neighbour, so it stays binary, or bilinearly for a card that reads soft masks;
+    checked again there) and the reference to the
     image's new size. Returns the inputs, the :class:`~editeval.data.images.Geometry` that maps
     results back to the source size, and the warnings this step adds.
 
@@ -253,13 +263,24 @@ def prepare_inputs(checked: CheckedRequest, card: MethodCard, request: EditReque
     image, geometry = fit_to_resolution(checked.image, model_resolution(pipe))
     mask = checked.mask
     if mask is not None:
-        mask = mask.resize(image.size, Image.Resampling.NEAREST)
+        mask = mask.resize(image.size, MASK_RESAMPLING[card.soft_mask])
         where = f" at the model's {image.width}x{image.height}"
         mask = _usable_mask(mask, checked.mask_name, where, card, request, notes)
     reference = checked.reference.resize(image.size) if checked.reference is not None else None
     inputs = EditInputs(image=image, task=request.task, mask=mask, reference=reference,
                         inversion_cache=inversion_cache, **prompts)
     return inputs, geometry, notes
+
+
+def extend_canvas(checked: CheckedRequest, border: tuple[int, int, int, int]) -> CheckedRequest:
+    """``checked`` with its image on a canvas grown by ``border`` pixels (left, top, right,
+    bottom), the new area mid-grey (0 in a VAE's [-1, 1]), and that area as its mask (255)."""
+    left, top = border[:2]
+    width, height = checked.image.size
+    image = ImageOps.expand(checked.image, border, fill=(128, 128, 128))
+    mask = Image.new("L", image.size, 255)
+    mask.paste(0, (left, top, left + width, top + height))
+    return replace(checked, image=image, mask=mask, mask_name="of the canvas's new area")
 
 
 def _warn(notes: list[str]) -> None:
@@ -290,7 +311,8 @@ def edit(
             inversions across calls (the benchmark runner keeps one per run directory).
 
     Returns:
-        An :class:`EditResult` with the edit at the source's size and at the model's, its NFE and time.
+        An :class:`EditResult` with the edit at the source's size (a canvas method's: the
+        extended canvas's) and at the model's, its NFE and time.
 
     Raises:
         KeyError: unknown method. ValueError: an unknown, ill-typed or out-of-range parameter.
@@ -309,6 +331,10 @@ def edit(
     params = registered.resolve_params(request.params)
     checked = check_request(request, card)
     _warn(checked.warnings)
+    source = checked.image
+    if registered.canvas is not None:
+        border = registered.canvas(source.size, **params)
+        checked = extend_canvas(checked, border)
     if pipe is None:
         from editeval.models import load_pipeline
 
@@ -330,8 +356,11 @@ def edit(
         intermediates = {**intermediates,
                          "peak_memory_mib": round(torch.cuda.max_memory_allocated(pipe.device)
                                                   / 2**20, 1)}
+    image = geometry.to_source(output.image)
+    if registered.canvas is not None:
+        image.paste(source, border[:2])
     return EditResult(
-        image=geometry.to_source(output.image),
+        image=image,
         model_image=output.image,
         method=card.name,
         model=str(pipe.name_or_path),

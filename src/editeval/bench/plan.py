@@ -83,7 +83,8 @@ def plan_run(config: RunConfig, run: Run) -> Plan:
     Raises:
         KeyError: an unknown method. ValueError: a bad parameter, or parameters for a method not
             among ``config.methods``. DatasetError: the dataset cannot be loaded or filtered.
-        PlanError: a method needs an input the samples lack, or the selection leaves no job.
+        PlanError: a method needs an input the samples lack or extends the image (outpainting),
+            or the selection leaves no job.
     """
     cards = {name: get_method(name).card for name in config.methods}
     for name in config.params:
@@ -91,6 +92,10 @@ def plan_run(config: RunConfig, run: Run) -> Plan:
             raise ValueError(f"parameters given for {name!r}, which is not among --methods")
     for name in cards:  # unknown names and values out of range fail before the run
         get_method(name).resolve_params(config.params.get(name, {}))
+        if get_method(name).canvas is not None:
+            raise PlanError(f"method {name!r} extends the image: its edits are larger than their "
+                            "sources, which a benchmark compares pixel by pixel; run it with "
+                            "`editeval edit`")
     samples = run.dataset.select(config.tasks or None, config.limit, config.per_task)
     check_inputs(cards, samples, config.dataset)
     jobs = plan_jobs(samples, config.methods, config.seeds)

@@ -64,6 +64,9 @@ class MethodCard:
             formula of the parameters; ``"0"`` for a method that takes no gradient.
         deviations: where we depart from the paper, and why.
         note: anything else a user should know.
+        soft_mask: the method reads the mask's grey levels as per-pixel edit strengths (0 = keep,
+            255 = full edit; Differential Diffusion); every other method gets its mask binarised
+            (grey >= 128 is edit).
     """
 
     name: str
@@ -80,6 +83,7 @@ class MethodCard:
     note: str = ""
     optional_inputs: tuple[str, ...] = ()
     backward_formula: str = "0"
+    soft_mask: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -93,6 +97,8 @@ class MethodCard:
         both = set(self.inputs) & set(self.optional_inputs)
         if both:
             raise ValueError(f"{self.name}: inputs {sorted(both)} are both required and optional")
+        if self.soft_mask and "mask" not in set(self.inputs) | set(self.optional_inputs):
+            raise ValueError(f"{self.name}: soft_mask is set but the method takes no mask")
 
     def resolve_params(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
         """The card's defaults updated by ``overrides``, each cast to its default's type.
@@ -135,11 +141,18 @@ MethodFn = Callable[..., MethodOutput]
 @dataclass(frozen=True)
 class RegisteredMethod:
     """A method's card, its function and its parameter check (``check(**params)`` raises
-    ``ValueError`` for a value out of range; ``None`` when every value of the right type works)."""
+    ``ValueError`` for a value out of range; ``None`` when every value of the right type works).
+
+    ``canvas``, for a method that extends the image (outpainting): ``canvas(size, **params)``
+    gives the pixels ``(left, top, right, bottom)`` added around a source of ``size`` (width,
+    height), at the source's size; :func:`editeval.editing.edit` pads the source, gives the
+    method the new area as its mask and pastes the source back into the result. ``None`` for a
+    method whose edit has the source's size."""
 
     card: MethodCard
     fn: MethodFn
     check: Callable[..., None] | None = None
+    canvas: Callable[..., tuple[int, int, int, int]] | None = None
 
     def resolve_params(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
         """:meth:`MethodCard.resolve_params`, then the method's range check: every parameter is
@@ -162,11 +175,13 @@ ENTRY_POINT_GROUP = "editeval.methods"
 """Entry point group whose modules register methods when imported."""
 
 
-def register_method(card: MethodCard, check: Callable[..., None] | None = None
+def register_method(card: MethodCard, check: Callable[..., None] | None = None,
+                    canvas: Callable[..., tuple[int, int, int, int]] | None = None,
                     ) -> Callable[[MethodFn], MethodFn]:
     """Decorator: register ``fn`` under ``card.name``, with ``check(**params)``, the parameter
     range check that :meth:`RegisteredMethod.resolve_params` runs before any model loads (so a
-    method's body need not check what does not depend on the model).
+    method's body need not check what does not depend on the model), and for a method that
+    extends the image its ``canvas`` (see :class:`RegisteredMethod`).
 
     Raises:
         ValueError: the name is registered already, or ``fn``'s keyword-only parameters are not the
@@ -178,7 +193,7 @@ def register_method(card: MethodCard, check: Callable[..., None] | None = None
         if card.name in _REGISTRY:
             raise ValueError(f"method {card.name!r} is registered twice")
         check_signature(card, fn)
-        _REGISTRY[card.name] = RegisteredMethod(card, fn, check)
+        _REGISTRY[card.name] = RegisteredMethod(card, fn, check, canvas)
         return fn
 
     return decorator

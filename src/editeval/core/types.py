@@ -39,7 +39,8 @@ class EditRequest:
         from_dataset: the request is a dataset sample's, with every field the sample has whatever
             the method (the benchmark runner sets it): inputs the method does not use are left
             out without a warning, and an all-white mask marks a whole-image edit (a style
-            change) and means no mask instead of being refused.
+            change): no mask for a method whose mask is optional, the full mask for a method
+            that needs one, instead of being refused.
     """
 
     image: Any
@@ -108,7 +109,9 @@ class EditInputs:
             encoder's token limit ("" when not given, or when the method does not use it).
         task: EditEval task id or ``None``.
         mask: edit region, mode "L" with values 0/255 (255 = edit), same size as ``image``, with
-            both values present, or ``None``.
+            both values present (all 255 only for a dataset's whole-image edit), or ``None``;
+            grey levels 0..255 (per-pixel strengths) for a method whose card reads soft masks
+            (``soft_mask``).
         reference: RGB reference image at the same size, or ``None``.
         inversion_cache: an :class:`~editeval.diffusion.inversion_cache.InversionCache` shared by
             the methods of a run, or ``None`` (inversions are then computed every time).

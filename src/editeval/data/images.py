@@ -22,8 +22,10 @@ Resolution policy
 
 Masks
     :func:`load_mask` returns a binary mode-``"L"`` mask with values 0 (keep)
-    and 255 (edit): white marks the region to edit. :func:`same_aspect` tells
-    whether a mask has its image's aspect ratio.
+    and 255 (edit): white marks the region to edit; or a soft mask that keeps
+    its grey levels (per-pixel edit strength, for methods such as Differential
+    Diffusion). :func:`same_aspect` tells whether a mask has its image's aspect
+    ratio.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "MASK_RESAMPLING",
     "MAX_PIXELS",
     "Geometry",
     "ImageLoadError",
@@ -408,8 +411,10 @@ def load_mask(
     threshold: int = 128,
     allow_empty: bool = False,
     allow_full: bool = False,
+    soft: bool = False,
 ) -> Image.Image:
-    """Load a binary edit mask: white (255) = edit, black (0) = keep.
+    """Load a binary edit mask: white (255) = edit, black (0) = keep; or, with ``soft``, a soft
+    mask whose grey levels are kept (a per-pixel edit strength, 255 = full edit).
 
     The source is decoded like :func:`load_image` (same accepted types, EXIF
     orientation, 16-bit/float rules, ``MAX_PIXELS`` limit); then a grey level
@@ -424,7 +429,7 @@ def load_mask(
 
     The grey level is binarised with ``grey >= threshold`` -> 255, and the
     result resized to ``size`` with nearest-neighbour sampling, so it stays
-    binary.
+    binary. A soft mask keeps its grey levels and is resized bilinearly.
 
     Args:
         source: Anything :func:`load_image` accepts.
@@ -433,9 +438,11 @@ def load_mask(
         threshold: Grey level (1..255) from which a pixel counts as edit.
         allow_empty: Accept a mask with no edit pixel.
         allow_full: Accept a mask with only edit pixels.
+        soft: Keep the grey levels 0..255 instead of binarising (``threshold`` unused).
 
     Returns:
-        A new ``PIL.Image.Image`` of mode ``"L"`` with values only 0 and 255.
+        A new ``PIL.Image.Image`` of mode ``"L"`` with values only 0 and 255 (any of 0..255 when
+        ``soft``).
 
     Raises:
         ImageLoadError: the source cannot be loaded (see :func:`load_image`); the message
@@ -454,23 +461,30 @@ def load_mask(
         raise ValueError(f"size must be (width, height) with positive integers, got {size!r}")
     name = source_name(source)
     grey = _mask_grey(_decode(source, MAX_PIXELS, kind="mask"))
-    mask = grey.point([0] * int(threshold) + [255] * (256 - int(threshold)))
+    mask = grey if soft else grey.point([0] * int(threshold) + [255] * (256 - int(threshold)))
     if size is not None:
-        mask = mask.resize((int(size[0]), int(size[1])), Image.Resampling.NEAREST)
+        mask = mask.resize((int(size[0]), int(size[1])), MASK_RESAMPLING[soft])
     low, high = mask.getextrema()
     if high == 0 and not allow_empty:
+        reach = "is above 0" if soft else f"reaches threshold {threshold}"
         raise MaskError(
-            f"mask {name} is empty: no pixel reaches threshold {threshold}, so there "
+            f"mask {name} is empty: no pixel {reach}, so there "
             "is nothing to edit; editing needs a mask with both edit (white) and "
             "keep (black) regions (pass allow_empty=True to accept it)"
         )
     if low == 255 and not allow_full:
+        reach = "is 255" if soft else f"reaches threshold {threshold}"
         raise MaskError(
-            f"mask {name} is full: every pixel reaches threshold {threshold}, so "
+            f"mask {name} is full: every pixel {reach}, so "
             "nothing is kept; editing needs a mask with both edit (white) and keep "
             "(black) regions (pass allow_full=True to accept it)"
         )
     return mask
+
+
+MASK_RESAMPLING = {False: Image.Resampling.NEAREST, True: Image.Resampling.BILINEAR}
+"""How a mask is resized, by softness: nearest neighbour keeps a binary mask binary; a soft mask
+(grey levels as strengths) is resized bilinearly."""
 
 
 def _mask_grey(image: Image.Image) -> Image.Image:

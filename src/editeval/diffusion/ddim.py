@@ -147,15 +147,18 @@ def noise_levels(scheduler: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 @torch.no_grad()
 def ddim_invert(unet: Any, latents: torch.Tensor, scheduler: Any, cond: torch.Tensor,
-                uncond: torch.Tensor | None = None, guidance_scale: float = 1.0) -> list[torch.Tensor]:
+                uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                num_steps: int | None = None) -> list[torch.Tensor]:
     """DDIM inversion: the trajectory from clean ``latents`` to noise.
 
     Returns ``[z_0, z_1, ..., z_T]`` (T = number of scheduler steps + 1 entries), ``z_T`` being the
-    inverted noise at the most noisy timestep. NFE = steps (x2 with guidance).
+    inverted noise at the most noisy timestep; with ``num_steps``, only the first ``num_steps``
+    steps (a partial inversion, to an intermediate time: ``[z_0, ..., z_num_steps]``).
+    NFE = steps run (x2 with guidance).
     """
     timesteps, alphas = noise_levels(scheduler)
     trajectory = [latents]
-    for i, t in enumerate(timesteps):
+    for i, t in enumerate(timesteps[:num_steps]):
         noise = predict_noise(unet, scheduler, trajectory[-1], t, cond, uncond, guidance_scale)
         trajectory.append(ddim_step(trajectory[-1], noise, alphas[i], alphas[i + 1]))
     return trajectory
@@ -186,8 +189,9 @@ def ddim_sample(unet: Any, latents: torch.Tensor, scheduler: Any, cond: torch.Te
         noise = predict(i, t, latents) if predict is not None else \
             predict_noise(unet, scheduler, latents, t, cond, uncond, guidance_scale)
         latents = ddim_step(latents, noise, alphas[level], alphas[level - 1])
-        if callback is not None:
-            latents = callback(i, t, latents) or latents
+        replaced = callback(i, t, latents) if callback is not None else None
+        if replaced is not None:
+            latents = replaced
     return latents
 
 

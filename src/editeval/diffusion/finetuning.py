@@ -61,10 +61,11 @@ def trainable_copy(pipe: Any) -> Iterator[torch.nn.Module]:
 
 
 def denoising_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
-                     timestep: int) -> torch.Tensor:
+                     timestep: int | torch.Tensor) -> torch.Tensor:
     """What the denoiser learns to output at ``latents`` noised to ``timestep`` with ``noise``:
     the noise (``epsilon``), the velocity ``sqrt(a) * noise - sqrt(1 - a) * latents``
     (``v_prediction``), or the latents (``sample``), as the scheduler's ``prediction_type`` says.
+    ``timestep`` is one for the batch, or one a sample (a (batch,) tensor).
 
     Raises:
         ValueError: another prediction type.
@@ -75,41 +76,55 @@ def denoising_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
     if kind == "sample":
         return latents
     if kind == "v_prediction":
-        sqrt_alpha, sqrt_one_minus = noise_level_terms(scheduler.alphas_cumprod[timestep], noise)
+        sqrt_alpha, sqrt_one_minus = _noise_levels(scheduler, timestep, noise)
         return sqrt_alpha * noise - sqrt_one_minus * latents
     raise ValueError(f"cannot fit a denoiser with prediction_type {kind!r}: editeval handles "
                      "epsilon, v_prediction and sample")
 
 
+def _noise_levels(scheduler: Any, timestep: int | torch.Tensor,
+                  like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # (sqrt(a), sqrt(1 - a)) at one timestep, or one a sample shaped to broadcast over a batch
+    alpha = scheduler.alphas_cumprod[timestep]
+    return tuple(term.reshape(-1, *[1] * (like.dim() - 1)) if term.dim() else term
+                 for term in noise_level_terms(alpha, like))
+
+
 def denoising_loss(unet: torch.nn.Module, scheduler: Any, latents: torch.Tensor,
-                   text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The diffusion training loss at ``latents``: a timestep drawn uniformly from the training
-    schedule's [0, T), a standard normal noise (both from ``generator``), the mean squared error
-    between ``unet``'s output at the noised latents and :func:`denoising_target`.
+                   text: torch.Tensor, generator: torch.Generator,
+                   batch_size: int = 1) -> torch.Tensor:
+    """The diffusion training loss at ``latents``: for each of ``batch_size`` copies of the
+    image, a timestep drawn uniformly from the training schedule's [0, T) and a standard normal
+    noise (all from ``generator``); the mean squared error between ``unet``'s output at the
+    noised latents and :func:`denoising_target`, averaged over the batch.
 
     Args:
-        unet: the denoiser (one forward pass, batch 1: 1 NFE).
+        unet: the denoiser (one forward pass of batch ``batch_size``: that many NFE).
         latents: the clean image latents, (1, 4, h, w); used in float32.
         text: the text embedding (1, 77, D) the denoiser is conditioned on.
+        batch_size: copies of the image a step (>= 1; Forgedit fits on 10).
     Returns:
         A 0-dim float32 tensor with the graph to whatever requires gradients.
     """
     steps = int(scheduler.config.num_train_timesteps)
-    timestep = int(torch.randint(0, steps, (1,), generator=generator))
+    timesteps = torch.randint(0, steps, (batch_size,), generator=generator)
     latents = latents.float()
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    sqrt_alpha, sqrt_one_minus = noise_level_terms(scheduler.alphas_cumprod[timestep], noise)
+    noise = torch.randn((batch_size, *latents.shape[1:]),
+                        generator=generator).to(latents.device)
+    sqrt_alpha, sqrt_one_minus = _noise_levels(scheduler, timesteps, noise)
     noisy = sqrt_alpha * latents + sqrt_one_minus * noise
     dtype = unet.dtype
-    output = unet(noisy.to(dtype), timestep, encoder_hidden_states=text.to(dtype)).sample
+    output = unet(noisy.to(dtype), timesteps.to(latents.device),
+                  encoder_hidden_states=text.to(dtype).expand(batch_size, -1, -1)).sample
     return torch.nn.functional.mse_loss(output.float(),
-                                        denoising_target(scheduler, latents, noise, timestep))
+                                        denoising_target(scheduler, latents, noise, timesteps))
 
 
 def fit_denoising_loss(unet: torch.nn.Module, scheduler: Any, latents: torch.Tensor,
                        text: torch.Tensor | Callable[[], torch.Tensor],
                        groups: Sequence[Mapping[str, Any]], steps: int,
-                       generator: torch.Generator, description: str) -> list[float]:
+                       generator: torch.Generator, description: str,
+                       batch_size: int = 1) -> list[float]:
     """Minimise :func:`denoising_loss` by ``steps`` Adam steps on the tensors of ``groups``.
 
     Args:
@@ -120,10 +135,12 @@ def fit_denoising_loss(unet: torch.nn.Module, scheduler: Any, latents: torch.Ten
         groups: Adam parameter groups, ``{"params": [tensors], "lr": rate}``: what is fitted and
             how fast. Their ``requires_grad`` is set for the fit and restored after; only they
             gather gradients.
-        steps: number of steps (>= 0); each is one forward and one backward pass (1 NFE, 1
-            backward pass).
-        generator: draws every step's timestep and noise.
+        steps: number of steps (>= 0); each is one forward and one backward pass
+            (``batch_size`` NFE, 1 backward pass).
+        generator: draws every step's timesteps and noises.
         description: what the progress display calls the task.
+        batch_size: copies of the image a step, each with its own timestep and noise
+            (:func:`denoising_loss`).
     Returns:
         The loss of every step, before the step (floats).
     """
@@ -137,7 +154,8 @@ def fit_denoising_loss(unet: torch.nn.Module, scheduler: Any, latents: torch.Ten
         with torch.enable_grad(), step_progress(description, steps) as update:
             for _ in range(steps):
                 embedding = text() if callable(text) else text
-                loss = denoising_loss(unet, scheduler, latents, embedding, generator)
+                loss = denoising_loss(unet, scheduler, latents, embedding, generator,
+                                      batch_size)
                 for tensor, grad in zip(tensors, torch.autograd.grad(loss, tensors,
                                                                      allow_unused=True)):
                     tensor.grad = grad

@@ -4,12 +4,28 @@ Importing this package registers them (see :mod:`editeval.core.registry`).
 """
 
 # noqa: F401 throughout: importing a module registers its method
-from editeval.methods.test_time_finetuning import cds, dds, null_text  # noqa: F401
-from editeval.methods.training_based import instructpix2pix  # noqa: F401
+from editeval.methods.test_time_finetuning import (  # noqa: F401
+    cds,
+    dds,
+    diffusion_disentanglement,
+    forgedit,
+    imagic,
+    null_text,
+    sine,
+)
+from editeval.methods.training_based import (  # noqa: F401
+    instructpix2pix,
+    outpainting,
+    sd_inpainting,
+)
 from editeval.methods.training_free import (  # noqa: F401
     aidi,
+    blended_diffusion,
+    blended_latent_diffusion,
     cyclediffusion,
     ddpm_inversion,
+    diffedit,
+    differential_diffusion,
     direct_inversion,
     ebca,
     edict,
@@ -21,6 +37,7 @@ from editeval.methods.training_free import (  # noqa: F401
     pnp,
     prompt_to_prompt,
     proxedit,
+    repaint,
     sdedit,
     sega,
 )

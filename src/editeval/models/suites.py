@@ -70,6 +70,7 @@ SUITES: dict[str, ModelSuite] = {
             {
                 "text-to-image": lambda: toy_models.checkpoint("sd"),
                 "instruction": lambda: toy_models.checkpoint("ip2p"),
+                "inpainting": lambda: toy_models.checkpoint("inpaint"),
             },
         ),
         ModelSuite(
@@ -78,6 +79,7 @@ SUITES: dict[str, ModelSuite] = {
             {
                 "text-to-image": lambda: tiny_checkpoint("sd"),
                 "instruction": lambda: tiny_checkpoint("ip2p"),
+                "inpainting": lambda: tiny_checkpoint("inpaint"),
             },
         ),
     )
@@ -92,8 +94,10 @@ ALIASES: dict[str, Checkpoint] = {
     "sd15-inpaint": SUITES["sd15"].checkpoints["inpainting"],
     "toy": SUITES["toy"].checkpoints["text-to-image"],
     "toy-ip2p": SUITES["toy"].checkpoints["instruction"],
+    "toy-inpaint": SUITES["toy"].checkpoints["inpainting"],
     "tiny": SUITES["tiny"].checkpoints["text-to-image"],
     "tiny-ip2p": SUITES["tiny"].checkpoints["instruction"],
+    "tiny-inpaint": SUITES["tiny"].checkpoints["inpainting"],
 }
 
 

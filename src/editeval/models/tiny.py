@@ -1,4 +1,4 @@
-"""Tiny random-weight Stable Diffusion and InstructPix2Pix pipelines, built offline.
+"""Tiny random-weight Stable Diffusion, InstructPix2Pix and inpainting pipelines, built offline.
 
 They have Stable Diffusion's architecture at toy size, so every code path a real checkpoint takes
 (``from_pretrained``, schedulers, classifier-free guidance, attention processors) runs in seconds on a
@@ -13,7 +13,10 @@ quality claims.
 - Tokenizer: :func:`editeval.models.tokenizer.clip_tokenizer`, built from the CLIP BPE vocabulary shipped in ``open_clip_torch``;
   its ids equal those of ``openai/clip-vit-large-patch14``.
 - Schedulers as the real checkpoints ship them: SD 1.5's ``PNDMScheduler`` (scaled_linear betas
-  0.00085..0.012, 1000 steps) and InstructPix2Pix's ``EulerAncestralDiscreteScheduler``.
+  0.00085..0.012, 1000 steps; also SD 1.5 inpainting's) and InstructPix2Pix's
+  ``EulerAncestralDiscreteScheduler``.
+- ``inpaint``: ``StableDiffusionInpaintPipeline`` with a 9-channel UNet (noisy latents, mask,
+  masked-image latents), as ``stable-diffusion-v1-5/stable-diffusion-inpainting``.
 - ``sd-v``: the same pipeline (same weights) whose scheduler says ``prediction_type="v_prediction"``,
   as Stable Diffusion 2.x at 768 px ships: the denoiser's output is read as v, not as noise.
 
@@ -116,6 +119,20 @@ def build_tiny_ip2p(path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def build_tiny_inpaint(path: str | os.PathLike) -> Path:
+    """Build the tiny inpainting pipeline (9 UNet input channels) and save it to ``path``."""
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline
+
+    scheduler = PNDMScheduler(**_SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False,
+                              steps_offset=1)
+    pipe = StableDiffusionInpaintPipeline(
+        **_components(9), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return Path(path)
+
+
 _VLM_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}"
     "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
@@ -162,10 +179,10 @@ def build_tiny_vlm(path: str | os.PathLike) -> Path:
 
 @lru_cache(maxsize=None)
 def tiny_checkpoint(kind: str) -> Path:
-    """Path of the saved tiny checkpoint of ``kind`` ("sd", "sd-v", "ip2p" or "vlm"), built on
-    first use."""
+    """Path of the saved tiny checkpoint of ``kind`` ("sd", "sd-v", "ip2p", "inpaint" or "vlm"),
+    built on first use."""
     builders = {"sd": build_tiny_sd, "sd-v": partial(build_tiny_sd, prediction_type="v_prediction"),
-                "ip2p": build_tiny_ip2p, "vlm": build_tiny_vlm}
+                "ip2p": build_tiny_ip2p, "inpaint": build_tiny_inpaint, "vlm": build_tiny_vlm}
     with quiet_progress_bars():
         return build_once(cache_dir() / "tiny" / f"v{TINY_VERSION}" / kind, "model_index.json",
                           builders[kind])

@@ -12,7 +12,14 @@ Measures (the bars of the toy-world issue in brackets):
 - toy InstructPix2Pix on ``editeval-toy``: oracle edit success averaged over the 7 tasks [>= 70%]
   and PSNR of the unedited region against the ground-truth target [>= 25 dB];
 - toy CLIP (no bar): how often its CLIPScore prefers a scene's caption to the caption with one
-  object's colour, size, texture or shape changed (a hard negative).
+  object's colour, size, texture or shape changed (a hard negative);
+- toy Stable Diffusion inpainting (``sd-inpainting``, 50 steps, guidance 7.5): one object of each
+  scene masked as the toy pairs mask objects, inpainted from the scene's caption: share of
+  objects the oracle reads back with the caption's shape and colour [>= 80%], and PSNR of the
+  unmasked region against the scene [within 1 dB of the VAE round trip's there];
+- outpainting (no bar): each scene's centre (its 8 px border cut off) outpainted back to 64 px
+  from its caption: the source pixels kept exactly, the background read right, and the objects
+  that cross the border read with their shape and colour.
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ import torch
 from PIL import Image
 
 from editeval.toyworld.oracle import parse, psnr
+from editeval.toyworld.pairs import _objects_mask
 from editeval.toyworld.scenes import (
     ATTRIBUTE_PHRASES,
+    coverage,
     hard_negative,
     render,
     sample_scene,
@@ -143,6 +152,76 @@ def instruction_edit_quality(pipe: Any, samples: list, steps: int = 50) -> dict[
             "unedited_psnr": float(np.mean(unedited))}
 
 
+def _same_object(read: Any, obj: Any) -> bool:
+    """The oracle's reading ``read`` (or None) has ``obj``'s shape and colour."""
+    return read is not None and (read.shape, read.colour) == (obj.shape, obj.colour)
+
+
+def inpainting_quality(pipe: Any, scenes: list, steps: int = 50, seed: int = 0) -> dict[str, float]:
+    """The ``sd-inpainting`` method on one object of each scene (drawn with ``seed``), masked as
+    the toy pairs mask objects (its footprint grown by 2 px), from the scene's caption.
+
+    Returns shares (0..1) of the masked objects that the oracle reads back in their slot with the
+    caption's shape and colour (``restored``) and with every attribute (``all_attributes``), and
+    the mean PSNR (dB) of the unmasked region against the scene, of the inpainting
+    (``unmasked_psnr``) and of the VAE's round trip (``vae_unmasked_psnr``).
+    """
+    from editeval.core import EditRequest
+    from editeval.editing import edit
+
+    rng = np.random.default_rng(seed)
+    hits: dict[str, list] = defaultdict(list)
+    for index, scene in enumerate(scenes):
+        obj = scene.objects[int(rng.integers(0, len(scene.objects)))]
+        image, mask = render(scene), _objects_mask([obj], 64)
+        result = edit(EditRequest(Image.fromarray(image), target_prompt=scene.caption(),
+                                  mask=Image.fromarray(mask.astype(np.uint8) * 255), seed=index,
+                                  params={"num_inference_steps": steps}),
+                      "sd-inpainting", pipe=pipe)
+        out = np.asarray(result.image)
+        read = parse(out).objects.get(obj.slot)
+        hits["restored"].append(_same_object(read, obj))
+        hits["all_attributes"].append(read is not None and all(
+            getattr(read, key) == getattr(obj, key)
+            for key in ("shape", "colour", "texture", "size", "pose")))
+        hits["unmasked_psnr"].append(psnr(out, image, ~mask))
+        hits["vae_unmasked_psnr"].append(psnr(_vae_round_trip(pipe, image), image, ~mask))
+    return {key: float(np.mean(values)) for key, values in hits.items()}
+
+
+def outpainting_quality(pipe: Any, scenes: list, border: int = 8,
+                        steps: int = 50) -> dict[str, float]:
+    """The ``outpainting`` method on each scene's centre (the 64 px render without its
+    ``border``), extended by ``border`` px on every side from the scene's caption.
+
+    Returns shares (0..1): of results that hold the centre's pixels exactly (``kept``), whose
+    background the oracle reads right (``background``), and of the objects crossing the border
+    (some of their footprint cut off) that it reads in their slot with their shape and colour
+    (``crossing_objects``; the count in ``crossing_count``).
+    """
+    from editeval.core import EditRequest
+    from editeval.editing import edit
+
+    inside = np.zeros((64, 64), dtype=bool)
+    inside[border:-border, border:-border] = True
+    hits: dict[str, list] = defaultdict(list)
+    for index, scene in enumerate(scenes):
+        centre = render(scene)[border:-border, border:-border]
+        result = edit(EditRequest(Image.fromarray(centre), target_prompt=scene.caption(),
+                                  seed=index, params={"amount": float(border), "unit": "px",
+                                                      "num_inference_steps": steps}),
+                      "outpainting", pipe=pipe)
+        out = np.asarray(result.image)
+        hits["kept"].append(np.array_equal(out[inside].reshape(centre.shape), centre))
+        read = parse(out)
+        hits["background"].append(read.background == scene.background)
+        for obj in scene.objects:
+            if (coverage(obj, 64)[~inside] > 0).any():
+                hits["crossing_objects"].append(_same_object(read.objects.get(obj.slot), obj))
+    quality = {key: float(np.mean(values)) for key, values in hits.items()}
+    return {**quality, "crossing_count": len(hits["crossing_objects"])}
+
+
 def clip_attribute_accuracy(clip: Any, scenes: list, seed: int = 0) -> dict[str, float]:
     """Per attribute, the share of scenes whose CLIPScore with their caption is above that with
     the caption with one object's ``attribute`` changed (scenes lacking it, e.g. a texture when
@@ -179,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="toy", help="suite name, or a text-to-image folder")
     parser.add_argument("--instruction-model", default=None,
                         help="instruction folder (none: the suite's instruction checkpoint)")
+    parser.add_argument("--inpainting-model", default=None,
+                        help="inpainting folder (none: the suite's inpainting checkpoint)")
     parser.add_argument("--samples", type=int, default=200,
                         help="random scenes for the VAE, inversion, text-to-image and CLIP rows "
                              "(InstructPix2Pix always edits all 210 editeval-toy pairs)")
@@ -186,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ip2p-steps", type=int, default=50,
                         help="InstructPix2Pix sampling steps (the paper's default is 100)")
     parser.add_argument("--skip", nargs="*", default=[], help="measures to leave out",
-                        choices=["vae", "inversion", "t2i", "ip2p", "clip"])
+                        choices=["vae", "inversion", "t2i", "ip2p", "clip", "inpaint",
+                                 "outpaint"])
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     scenes = [sample_scene(rng) for _ in range(args.samples)]
@@ -223,6 +305,28 @@ def main(argv: list[str] | None = None) -> None:
         for attribute, value in accuracy.items():
             rows.append((f"CLIP prefers the caption to one with the {attribute} changed",
                          f"{100 * value:.1f}%", ""))
+    if {"inpaint", "outpaint"} - set(args.skip):
+        inpainter = load_pipeline(args.inpainting_model or args.model, "inpainting")
+    if "inpaint" not in args.skip:
+        quality = inpainting_quality(inpainter, scenes)
+        rows.append(("inpainting: masked object restored (shape and colour), 50 steps, "
+                     "guidance 7.5", f"{100 * quality['restored']:.1f}%", ">= 80%"))
+        rows.append(("inpainting: masked object restored with every attribute",
+                     f"{100 * quality['all_attributes']:.1f}%", ""))
+        vae_error = quality["vae_unmasked_psnr"]
+        rows.append(("inpainting: unmasked-region PSNR vs the scene (dB)",
+                     f"{quality['unmasked_psnr']:.2f}", f">= {vae_error - 1:.2f} (VAE - 1 dB)"))
+        rows.append(("VAE round trip: unmasked-region PSNR vs the scene (dB)", f"{vae_error:.2f}",
+                     ""))
+    if "outpaint" not in args.skip:
+        quality = outpainting_quality(inpainter, scenes)
+        rows.append(("outpainting the 8 px border: source pixels kept exactly",
+                     f"{100 * quality['kept']:.1f}%", "100%"))
+        rows.append(("outpainting: background correct", f"{100 * quality['background']:.1f}%",
+                     ""))
+        rows.append((f"outpainting: objects crossing the border correct (shape and colour, "
+                     f"{quality['crossing_count']} objects)",
+                     f"{100 * quality['crossing_objects']:.1f}%", ""))
     print("| measure | value | bar |\n|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

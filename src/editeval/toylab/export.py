@@ -6,6 +6,8 @@
   PNDM scheduler configuration);
 - ``ip2p/``: ``StableDiffusionInstructPix2PixPipeline`` (the 8-channel UNet, Euler ancestral
   scheduler); its VAE, text encoder and tokenizer are symbolic links to ``sd/``'s;
+- ``inpaint/``: ``StableDiffusionInpaintPipeline`` (the 9-channel UNet); its VAE, text encoder,
+  tokenizer and scheduler (SD's PNDM, as SD 1.5 inpainting ships) are links to ``sd/``'s;
 - ``clip/``: the full toy ``CLIPModel`` with a ``CLIPProcessor`` (for CLIP-based metrics); its
   ``tokenizer.json`` is a link to ``sd/``'s;
 - ``training.json``: the optimiser step each model was trained to.
@@ -33,13 +35,16 @@ from editeval.toyworld.models import WEIGHTS
 SHARED_COMPONENTS = ("vae", "text_encoder", "tokenizer")
 # training checkpoint -> exported folder and subfolder that hold its model
 EXPORTED = {"vae": ("sd", "vae"), "vae_wide": ("sd", "vae"), "clip": ("clip", ""),
-            "unet": ("sd", "unet"), "ip2p": ("ip2p", "unet")}
+            "unet": ("sd", "unet"), "ip2p": ("ip2p", "unet"), "inpaint": ("inpaint", "unet")}
+# the UNet's input channels of each exported UNet checkpoint
+UNET_INPUTS = {"unet": 4, "ip2p": 8, "inpaint": 9}
 
 def export(work: Path, out: Path = WEIGHTS) -> None:
     """Assemble the trained checkpoints in ``work`` into diffusers/transformers folders in ``out``."""
     from diffusers import (
         EulerAncestralDiscreteScheduler,
         PNDMScheduler,
+        StableDiffusionInpaintPipeline,
         StableDiffusionInstructPix2PixPipeline,
         StableDiffusionPipeline,
     )
@@ -59,20 +64,22 @@ def export(work: Path, out: Path = WEIGHTS) -> None:
     common = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, safety_checker=None,
                   feature_extractor=None, requires_safety_checker=False)
     shutil.rmtree(out, ignore_errors=True)
-    sd = StableDiffusionPipeline(
-        unet=load(new_unet(4), "unet"),
-        scheduler=PNDMScheduler(**SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False,
-                                steps_offset=1),
-        **common)
+    pndm = PNDMScheduler(**SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    sd = StableDiffusionPipeline(unet=load(new_unet(4), "unet"), scheduler=pndm, **common)
     sd.to(torch.float16).save_pretrained(out / "sd")
-    if (work / "ip2p.ckpt").exists():
-        ip2p = StableDiffusionInstructPix2PixPipeline(
-            unet=load(new_unet(8), "ip2p"), scheduler=EulerAncestralDiscreteScheduler(**SCHEDULE),
-            **common)
-        ip2p.to(torch.float16).save_pretrained(out / "ip2p")
-        for name in SHARED_COMPONENTS:  # identical to sd's: link instead of a second copy
-            shutil.rmtree(out / "ip2p" / name)
-            os.symlink(Path("..") / "sd" / name, out / "ip2p" / name)
+    derived = {"ip2p": (StableDiffusionInstructPix2PixPipeline,
+                        EulerAncestralDiscreteScheduler(**SCHEDULE), SHARED_COMPONENTS),
+               "inpaint": (StableDiffusionInpaintPipeline, pndm,
+                           (*SHARED_COMPONENTS, "scheduler"))}
+    for name, (pipeline, scheduler, shared) in derived.items():
+        if not (work / f"{name}.ckpt").exists():
+            continue
+        unet = load(new_unet(UNET_INPUTS[name]), name)
+        pipeline(unet=unet, scheduler=scheduler, **common).to(torch.float16).save_pretrained(
+            out / name)
+        for component in shared:  # identical to sd's: link instead of a second copy
+            shutil.rmtree(out / name / component)
+            os.symlink(Path("..") / "sd" / component, out / name / component)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 64},
                                          crop_size={"height": 64, "width": 64},
                                          image_mean=[0.5] * 3, image_std=[0.5] * 3)
@@ -131,8 +138,8 @@ def import_checkpoints(work: Path, weights: Path = WEIGHTS, seed: int = 0) -> di
 
     build = {"vae": (vae_like, AutoencoderKL), "vae_wide": (vae_like, AutoencoderKL),
              "clip": (lambda _: new_clip(), CLIPModel),
-             "unet": (lambda _: new_unet(4), UNet2DConditionModel),
-             "ip2p": (lambda _: new_unet(8), UNet2DConditionModel)}
+             **{name: (lambda _, c=channels: new_unet(c), UNet2DConditionModel)
+                for name, channels in UNET_INPUTS.items()}}
     work.mkdir(parents=True, exist_ok=True)
     for name, step in steps.items():
         (new_model, loader), (folder, subfolder) = build[name], EXPORTED[name]

@@ -8,6 +8,7 @@
     python -m editeval.toylab.training unet  --work toy_training --steps 6000 --threads 2
     python -m editeval.toylab.training ip2p  --work toy_training --steps 14000 --threads 2
     python -m editeval.toylab.training unet  --work toy_training --steps 16000 --threads 2
+    python -m editeval.toylab.training inpaint --work toy_training --steps 6000
     python -m editeval.toylab.training export --work toy_training
 
 (How the shipped CLIP got to its 4500 steps differs: see docs/toyworld.md. ``ip2p`` starts from
@@ -44,6 +45,10 @@ Models:
   as the pipeline feeds them) on instruction text, initialised as in the paper from the
   text-to-image UNet (``unet.ckpt``, so run ``unet`` first) with the new input channels zero, with
   the paper's conditioning dropout (5% text, 5% image, 5% both).
+- Stable Diffusion inpainting UNet (9 input channels: noisy latents, the mask at latent size,
+  the masked image's latents, as ``StableDiffusionInpaintPipeline`` feeds them), initialised from
+  the text-to-image UNet (``unet.ckpt``) with the 5 new input channels zero, as SD inpainting was;
+  trained on the scenes with captions (10% dropped) under :func:`inpainting_mask`'s masks.
 """
 
 from __future__ import annotations
@@ -63,7 +68,8 @@ from editeval.toylab.models import (
     SCHEDULE, WIDE_VAE_WIDTHS, load_vae, load_weights, new_clip, new_unet,
     new_vae, read_latent_scale, save_checkpoint,
 )
-from editeval.toyworld.scenes import hard_negative, render, sample_scene
+from editeval.toyworld.pairs import _objects_mask
+from editeval.toyworld.scenes import SLOTS, hard_negative, render, sample_scene
 
 OBJECT_WEIGHT = 5.0  # weight of object pixels in the VAE's reconstruction loss
 WARMUP_STEPS = 200  # linear learning-rate warm-up of a fresh AdamW
@@ -387,13 +393,15 @@ def train_unet(work: Path, steps: int, seed: int, every: float, batch: int = 64,
     run.train(steps, loss_fn, every, "unet", restart_lr)
 
 
-def instruction_unet_from(t2i) -> torch.nn.Module:
-    """InstructPix2Pix's initialisation: the text-to-image UNet with 4 more input channels (the
-    source latents) whose weights are zero, so it starts as the text-to-image model."""
+def unet_with_inputs(t2i, in_channels: int) -> torch.nn.Module:
+    """The text-to-image UNet ``t2i`` with input channels added after its 4, their weights zero,
+    so that it starts as the text-to-image model: InstructPix2Pix's initialisation (8 channels)
+    and Stable Diffusion inpainting's (9)."""
     weights = t2i.state_dict()
     conv_in = weights["conv_in.weight"]
-    weights["conv_in.weight"] = torch.cat([conv_in, torch.zeros_like(conv_in)], dim=1)
-    unet = new_unet(8)
+    extra = conv_in.new_zeros(conv_in.shape[0], in_channels - conv_in.shape[1], *conv_in.shape[2:])
+    weights["conv_in.weight"] = torch.cat([conv_in, extra], dim=1)
+    unet = new_unet(in_channels)
     unet.load_state_dict(weights)
     return unet
 
@@ -417,7 +425,7 @@ def train_ip2p(work: Path, steps: int, seed: int, every: float, batch: int = 64,
     def build():
         t2i = new_unet(4)
         load_weights(t2i, work / "unet.ckpt")
-        return instruction_unet_from(t2i)
+        return unet_with_inputs(t2i, 8)
 
     run = Checkpointed(work / "ip2p.ckpt", build, lr=3e-4, seed=seed)
 
@@ -438,18 +446,143 @@ def train_ip2p(work: Path, steps: int, seed: int, every: float, batch: int = 64,
     run.train(steps, loss_fn, every, "ip2p", restart_lr)
 
 
+# kinds of training mask and their shares: the object masks of the toy pairs and their boxes,
+# LaMa-style rectangles and thick strokes (Stable Diffusion inpainting's synthetic masks), the
+# border of an outpainting, and the whole image (SD: a quarter of its masks; here a tenth)
+MASK_KINDS = {"object": 0.3, "box": 0.15, "rectangles": 0.15, "strokes": 0.15, "border": 0.15,
+              "everything": 0.1}
+
+
+def inpainting_mask(rng: np.random.Generator, objects: np.ndarray, size: int = 64) -> np.ndarray:
+    """A random training mask, bool (size, size), True = to inpaint, of a kind drawn from
+    ``MASK_KINDS``. ``objects``: bool (n, size, size), the object masks of the scene (the toy
+    pairs' masks: footprints dilated by 2 px); ``box`` is one's bounding box grown by 0 to 6 px;
+    ``border`` keeps a centre box and masks 6 to 20 px on one to four sides."""
+    kind = rng.choice(list(MASK_KINDS), p=list(MASK_KINDS.values()))
+    mask = np.zeros((size, size), dtype=bool)
+    if kind == "everything":
+        mask[:] = True
+    elif kind in ("object", "box") and len(objects):
+        chosen = objects[rng.integers(0, len(objects))]
+        if kind == "object":
+            return chosen.copy()
+        rows, cols = np.flatnonzero(chosen.any(1)), np.flatnonzero(chosen.any(0))
+        grow = rng.integers(0, 7, size=4)
+        mask[max(0, rows[0] - grow[0]):rows[-1] + 1 + grow[1],
+             max(0, cols[0] - grow[2]):cols[-1] + 1 + grow[3]] = True
+    elif kind == "border":
+        sides = rng.random(4) < 0.5
+        sides[rng.integers(0, 4)] = True
+        top, bottom, left, right = np.where(sides, rng.integers(6, 21, size=4), 0)
+        mask[:] = True
+        mask[top:size - bottom, left:size - right] = False
+    elif kind == "strokes":
+        from PIL import Image, ImageDraw
+
+        canvas = Image.new("L", (size, size))
+        draw = ImageDraw.Draw(canvas)
+        for _ in range(rng.integers(1, 4)):
+            corners = rng.integers(0, size, size=(rng.integers(2, 5), 2))
+            points = [tuple(p) for p in corners.tolist()]
+            draw.line(points, fill=255, width=int(rng.integers(4, 13)), joint="curve")
+        mask = np.asarray(canvas) > 0
+    else:  # rectangles, and an object kind drawn for a scene without objects
+        for _ in range(rng.integers(1, 4)):
+            h, w = rng.integers(8, 33, size=2)
+            y, x = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+            mask[y:y + h, x:x + w] = True
+    return mask
+
+
+def _object_masks(seed: int, captions: list[str]) -> torch.Tensor:
+    """The object masks of the training scenes, bool packed along the width: uint8
+    (N, 3, 64, 8), one per slot (left, middle, right; empty where the slot has none). The scenes
+    are sampled again from the data stage's ``seed`` and checked against ``captions``."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((len(captions), len(SLOTS), 64, 64), dtype=bool)
+    for i, caption in enumerate(tqdm(captions, desc="object masks", mininterval=10)):
+        scene = sample_scene(rng)
+        if scene.caption() != caption:
+            raise ValueError(f"scene {i} of seed {seed} is not the one in captions.json: run the "
+                             "inpaint stage with the --seed the data stage used")
+        for obj in scene.objects:
+            masks[i, list(SLOTS).index(obj.slot)] = _objects_mask([obj], 64)
+    return torch.from_numpy(np.packbits(masks, axis=-1))
+
+
+@torch.no_grad()
+def inpainting_condition(vae, pixels: torch.Tensor, mask: torch.Tensor,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inpainting UNet's extra inputs as ``StableDiffusionInpaintPipeline`` makes them: the
+    mask resized to the latents (``interpolate``'s nearest default), float (B, 1, H / 8, W / 8),
+    and the latents of ``pixels * (mask < 0.5)`` (a posterior sample times ``scale``), float
+    (B, 4, H / 8, W / 8). ``pixels``: float (B, 3, H, W) in [-1, 1]; ``mask``: float
+    (B, 1, H, W), 1 = to inpaint."""
+    masked = vae.encode(pixels * (mask < 0.5)).latent_dist.sample() * scale
+    return F.interpolate(mask, size=masked.shape[-2:]), masked
+
+
+def train_inpaint(work: Path, steps: int, seed: int, every: float, batch: int = 32,
+                  restart_lr: float | None = None) -> None:
+    """Stable Diffusion inpainting's training on the toy scenes.
+
+    The UNet sees ``cat(noisy latents, mask, masked-image latents)``, built as
+    ``StableDiffusionInpaintPipeline`` builds them: the mask resized to the latents with
+    ``interpolate``'s nearest default, the masked image ``image * (mask < 0.5)`` (0, mid-grey in
+    [-1, 1], where masked) encoded by the VAE (a posterior sample, times the scaling factor).
+    """
+    from diffusers import DDPMScheduler
+
+    vae, clip, tokenizer = _frozen(work)
+    scale = latent_scale(work)
+    captions = json.loads((work / "captions.json").read_text())
+    n = len(captions)
+    images = np.load(work / "scenes.npy")
+    latents = _cached(work / "scene_latents.pt", lambda: _latents(vae, images), n)
+    texts = _cached(work / "caption_states.pt",
+                    lambda: _text_states(clip, tokenizer, captions), n)
+    objects = _cached(work / "scene_object_masks.pt",
+                      lambda: _object_masks(seed, captions), n)
+    empty = _text_states(clip, tokenizer, [""]).float()
+    noise_scheduler = DDPMScheduler(**SCHEDULE)
+
+    def build():
+        t2i = new_unet(4)
+        load_weights(t2i, work / "unet.ckpt")
+        return unet_with_inputs(t2i, 9)
+
+    run = Checkpointed(work / "inpaint.ckpt", build, lr=2e-4, seed=seed)
+
+    def loss_fn(rng):
+        index = rng.integers(0, n, batch)
+        scene_masks = np.unpackbits(objects[torch.from_numpy(index)].numpy(), axis=-1).astype(bool)
+        masks = np.stack([inpainting_mask(rng, m[m.any((1, 2))]) for m in scene_masks])
+        mask = torch.from_numpy(masks)[:, None].float()
+        condition = inpainting_condition(vae, _pixels(images[index]), mask, scale)
+        index = torch.from_numpy(index)
+        x0 = latents[index] * scale
+        cond = texts[index].float()
+        cond[torch.from_numpy(rng.random(batch) < 0.1)] = empty
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (batch,))
+        noisy = torch.cat([noise_scheduler.add_noise(x0, noise, t), *condition], dim=1)
+        return F.mse_loss(run.model(noisy, t, encoder_hidden_states=cond).sample, noise)
+
+    run.train(steps, loss_fn, every, "inpaint", restart_lr)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="Stages, in order: data, vae, widen, clip, unet, ip2p (starts from unet.ckpt), "
-               "export. Every stage resumes from its checkpoint in --work when run again. To go "
-               "on from the shipped weights on a new machine: data, then import, then the stage "
-               "with more --steps. The commands and measured times of the shipped weights: "
+        epilog="Stages, in order: data, vae, widen, clip, unet, ip2p and inpaint (start from "
+               "unet.ckpt), export. Every stage resumes from its checkpoint in --work when run "
+               "again. To go on from the shipped weights on a new machine: data, then import, "
+               "then the stage with more --steps. The commands and measured times of the shipped weights: "
                "docs/toyworld.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("stage", help="what to build",
-                        choices=["data", "vae", "widen", "clip", "unet", "ip2p", "export",
-                                 "import"])
+                        choices=["data", "vae", "widen", "clip", "unet", "ip2p", "inpaint",
+                                 "export", "import"])
     parser.add_argument("--work", type=Path, default=Path("toy_training"),
                         help="folder for the data, checkpoints and logs of every stage")
     parser.add_argument("--steps", type=int, default=3000,
@@ -490,7 +623,8 @@ def main(argv: list[str] | None = None) -> None:
         print("imported " + ", ".join(f"{name}.ckpt (step {step})" for name, step in steps.items()))
     else:
         trainer = {"vae": train_vae, "widen": train_widen, "clip": train_clip,
-                   "unet": train_unet, "ip2p": train_ip2p}[args.stage]
+                   "unet": train_unet, "ip2p": train_ip2p,
+                   "inpaint": train_inpaint}[args.stage]
         extra = {"shape_negatives": args.shape_negatives} if args.stage == "clip" else {}
         trainer(args.work, args.steps, args.seed, args.checkpoint_seconds,
                 restart_lr=args.restart_lr, **extra)

@@ -62,7 +62,7 @@ def verify(methods: list[str], per_task: int, out: Path, model: str = "toy",
                 continue
             judged = judge_sample(samples[row.sample_id], Image.open(run.image_path(row)))
             success[row.method][row.task].append(judged.score.success)
-            if np.isfinite(judged.unedited_psnr_vs_target):
+            if not np.isnan(judged.unedited_psnr_vs_target):  # nan: no unedited region
                 unedited[row.method].append(judged.unedited_psnr_vs_target)
             nfe = row.nfe if row.uncached_nfe is None else row.uncached_nfe
             cost[row.method].append((nfe, row.wall_seconds, row.backward_passes or 0))
@@ -72,7 +72,7 @@ def verify(methods: list[str], per_task: int, out: Path, model: str = "toy",
         report[method] = {
             "success": per,
             "mean_success": float(np.mean(list(per.values()))) if per else float("nan"),
-            "unedited_psnr": float(np.mean(unedited[method])) if unedited[method] else float("nan"),
+            "unedited_psnr": _mean_psnr(unedited[method]),
             "nfe": float(np.mean([c[0] for c in cost[method]])) if cost[method] else float("nan"),
             "seconds": float(np.mean([c[1] for c in cost[method]])) if cost[method] else float("nan"),
             "backward": float(np.mean([c[2] for c in cost[method]])) if cost[method] else float("nan"),
@@ -80,6 +80,15 @@ def verify(methods: list[str], per_task: int, out: Path, model: str = "toy",
             "failed": failed[method],
         }
     return report
+
+
+def _mean_psnr(values: list[float]) -> float:
+    """The mean PSNR (dB) of the edits whose unedited region differs from the target; ``inf``
+    when every one equals it exactly (a method that copies the region), ``nan`` with none."""
+    finite = [v for v in values if np.isfinite(v)]
+    if finite:
+        return float(np.mean(finite))
+    return float("inf") if values else float("nan")
 
 
 def markdown(report: dict[str, dict[str, Any]]) -> str:
@@ -146,7 +155,8 @@ against exact ground truth (docs/toyworld.md).
 - **Success**: the oracle reads every edited attribute as the target says (%, per task, and the
   mean of the 7 tasks).
 - **Unedited PSNR**: the region outside the edit mask against the ground-truth target, in dB
-  (style change, whose mask is the whole image, is left out).
+  (style change, whose mask is the whole image, is left out), averaged over the edits where it
+  differs from the target; `inf` when every edit keeps it exactly.
 - **NFE/edit**: denoiser (UNet) evaluations per edit, a classifier-free-guidance batch of 2
   counting 2, uncached: the method's own cost, as if no inversion had been reused from the run's
   inversion cache, so it does not depend on which method of the run ran first (each card's

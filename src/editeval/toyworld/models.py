@@ -1,5 +1,5 @@
-"""Where the shipped toy models live: ``sd/`` (text-to-image), ``ip2p/`` (InstructPix2Pix) and
-``clip/`` (the toy CLIP, for CLIP-based metrics), diffusers/transformers folders in fp16 under
+"""Where the shipped toy models live: ``sd/`` (text-to-image), ``ip2p/`` (InstructPix2Pix),
+``inpaint/`` (Stable Diffusion inpainting) and ``clip/`` (the toy CLIP, for CLIP-based metrics), diffusers/transformers folders in fp16 under
 :data:`WEIGHTS`. They are trained and exported by :mod:`editeval.toylab`.
 """
 
@@ -11,7 +11,7 @@ WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
 def checkpoint(kind: str) -> Path:
-    """The shipped toy checkpoint ``kind`` ("sd", "ip2p" or "clip").
+    """The shipped toy checkpoint ``kind`` ("sd", "ip2p", "inpaint" or "clip").
 
     Raises:
         FileNotFoundError: the weights are not in this installation (say how to train them).
