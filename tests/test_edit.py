@@ -113,11 +113,11 @@ LONG = " ".join(["a"] * 117)  # 117 word tokens + start and end: 119 CLIP tokens
 
 
 def _mask(tmp_path, name: str, size: tuple[int, int], fill: int = 0,
-          box: tuple[int, int, int, int] | None = None):
-    """A mask file: ``fill`` everywhere, white inside ``box``."""
+          box: tuple[int, int, int, int] | None = None, value: int = 255):
+    """A mask file: ``fill`` everywhere, ``value`` (white) inside ``box``."""
     mask = Image.new("L", size, fill)
     if box:
-        mask.paste(255, box)
+        mask.paste(value, box)
     mask.save(tmp_path / name)
     return tmp_path / name
 
@@ -156,6 +156,14 @@ def test_a_method_warns_about_the_inputs_it_ignores_and_notes_them(tiny_sd, phot
 def test_an_unusable_mask_is_refused_naming_the_file(tiny_sd, photo, tmp_path, fill, what):
     mask = _mask(tmp_path, "flat.png", (120, 90), fill=fill)
     with pytest.raises(MaskError, match=f"mask '{mask}' is {what}"):
+        edit(EditRequest(photo, target_prompt="a dog", mask=mask, params=FAST), "masactrl",
+             pipe=tiny_sd)
+
+
+def test_a_dim_mask_is_refused_saying_where_masks_are_binarised(tiny_sd, photo, tmp_path):
+    # a grey-100 region is binarised to keep (below 128): the message must say why "all black"
+    mask = _mask(tmp_path, "dim.png", (120, 90), fill=0, box=(10, 10, 60, 60), value=100)
+    with pytest.raises(MaskError, match="all black: no pixel is at grey level 128 or more"):
         edit(EditRequest(photo, target_prompt="a dog", mask=mask, params=FAST), "masactrl",
              pipe=tiny_sd)
 

@@ -170,7 +170,8 @@ def edit(
     result.image.save(output)
     console.print(f"wrote {output} ({result.image.width}x{result.image.height}); "
                   f"{result.method} on {result.model}: NFE {result.nfe}, "
-                  f"{result.wall_seconds:.2f} s, params {result.params}")
+                  + (f"{result.backward_passes} backward passes, " if result.backward_passes else "")
+                  + f"{result.wall_seconds:.2f} s, params {result.params}")
     if model == "toy" and result.image.size != (64, 64):
         errors.print(f"[yellow]note:[/yellow] the toy models learnt 64x64 rendered toy scenes "
                      f"(docs/toyworld.md); on a {result.image.width}x{result.image.height} photo "
@@ -246,7 +247,8 @@ def bench(
                         f"{summary.skipped} finished before)")
     for column in ("method", "done", "failed", "mean NFE", "uncached NFE", "backward passes",
                    "mean s/edit"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+        table.add_column(column, justify="left" if column == "method" else "right",
+                         overflow="fold")  # a narrow console wraps names, never cuts them
     for name, row in sorted(stats.items()):
         cells = [f"{row[key]:{form}}" if row["done"] and row[key] == row[key] else "-"
                  for key, form in (("mean_nfe", ".0f"), ("mean_uncached_nfe", ".0f"),

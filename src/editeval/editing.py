@@ -199,8 +199,10 @@ def _usable_mask(mask: Image.Image, name: str, where: str, card: MethodCard,
     and an all-white one not from a dataset. ``where`` qualifies the name (at the model's size)."""
     low, high = mask.getextrema()
     if high == 0:
-        raise MaskError(f"mask {name}{where} is all black: it marks nothing to edit; paint the "
-                        "region to edit white")
+        level = "above 0" if card.soft_mask else \
+            "at grey level 128 or more (masks are binarised there: white = edit)"
+        raise MaskError(f"mask {name}{where} is all black: no pixel is {level}, so it marks "
+                        "nothing to edit; paint the region to edit white")
     if low < 255:
         return mask
     optional = "mask" in card.optional_inputs

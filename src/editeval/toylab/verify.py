@@ -148,9 +148,10 @@ def _after_table(document: str) -> str:
 def _document(table: str, command: str, args: argparse.Namespace) -> str:
     return f"""# Methods, verified on the toy world
 
-Every registered method, run with its paper's defaults on the toy models (`--model {args.model}`)
+The methods below, each run with its paper's defaults on the toy models (`--model {args.model}`)
 over the first {args.per_task} samples of each `editeval-toy` task, every edit judged by the oracle
-against exact ground truth (docs/toyworld.md).
+against exact ground truth (docs/toyworld.md). A registered method without a row has not been
+verified yet (`editeval methods` lists them all; the sections after the table say why).
 
 - **Success**: the oracle reads every edited attribute as the target says (%, per task, and the
   mean of the 7 tasks).
