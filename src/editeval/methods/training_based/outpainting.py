@@ -2,8 +2,8 @@
 
 Model and sampler: Stable Diffusion inpainting (Rombach et al., "High-Resolution Image Synthesis
 with Latent Diffusion Models", CVPR 2022, arXiv:2112.10752), through
-:func:`editeval.methods.training_based.sd_inpainting.inpaint`, at its defaults (50 steps,
-guidance 7.5) and strength 1: the new area has nothing to start from.
+:func:`editeval.methods.training_based.sd_inpainting.inpaint` (DDIM, as there), at its defaults
+(50 steps, guidance 7.5) and strength 1: the new area has nothing to start from.
 
 Algorithm: the canvas grows by ``amount`` on each of ``sides`` (``unit`` "fraction": that
 fraction of the source's width for left and right, of its height for top and bottom; "px":
@@ -14,8 +14,7 @@ model's resolution, maps the result back to the extended canvas at the source's 
 the source into it, so the edit holds the source's pixels exactly where they were and is larger
 than the source.
 
-NFE = 2 * (num_inference_steps + 1) with guidance (guidance_scale > 1), half without (PNDM, SD's
-scheduler, runs one step more than asked; num_inference_steps on a one-step-per-timestep one).
+NFE = 2 * num_inference_steps with guidance (guidance_scale > 1), half without.
 """
 
 from __future__ import annotations
@@ -42,11 +41,9 @@ CARD = MethodCard(
     tasks=(),
     defaults={"amount": 0.25, "unit": "fraction", "sides": "left,top,right,bottom",
               "num_inference_steps": 50, "guidance_scale": 7.5},
-    nfe_formula="2 * (num_inference_steps + 1) with guidance (guidance_scale > 1), half that "
-                "without; without the + 1 on a scheduler of one step per timestep (PNDM, SD's, "
-                "repeats one)",
-    deviations="none: the community's recipe (pad, mask the new area, inpaint); the source's "
-               "pixels are pasted back at the source's resolution",
+    nfe_formula="2 * num_inference_steps with guidance (guidance_scale > 1), half that without",
+    deviations="the community's recipe (pad, mask the new area, inpaint), with sd-inpainting's "
+               "DDIM sampler; the source's pixels are pasted back at the source's resolution",
     note="Not in the survey's paper list: the survey's section 7 names outpainting as a task of "
          "its own. The edit is larger than the source (the extended canvas at the source's "
          "scale) and holds the source's pixels exactly; it fits none of the EditEval tasks.",

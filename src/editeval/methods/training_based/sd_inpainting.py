@@ -11,8 +11,11 @@ masking everything). Sampling starts from pure noise (``strength`` 1) and denois
 target prompt with classifier-free guidance; the masked-image latents carry what to keep.
 
 Wraps diffusers' ``StableDiffusionInpaintPipeline`` (the checkpoint's model card uses it) with its
-defaults: 50 steps of the checkpoint's scheduler (PNDM for SD 1.5 inpainting), guidance 7.5,
-strength 1.
+defaults (50 steps, guidance 7.5, strength 1) and the sampler of the official code: DDIM, eta 0,
+as the latent diffusion repository's inpainting script samples (its Stable Diffusion 2 demo: DDIM
+too). Deviation from diffusers: its pipeline samples with the checkpoint's scheduler, PNDM for SD
+1.5 inpainting, whose multistep extrapolation at guidance 7.5 wrecks the toy models' samples (toy
+text-to-image, 16 captions: colour right 53% under PNDM against 99% under DDIM).
 
 Outside the mask: the model redraws the whole image, so there the edit is the source through the
 VAE and the model, not the source's pixels; diffusers and the Stable Diffusion 2 inpainting demo
@@ -20,9 +23,8 @@ return it so (the default). The latent diffusion paper's inpainting script paste
 outside the mask: ``paste_source=True`` does that, at the model's resolution (the edit then
 equals the source outside the mask up to the resize back to the source's size).
 
-NFE = 2 * (floor(num_inference_steps * strength) + 1) with guidance (guidance_scale > 1), half
-without: diffusers' PNDM (SD's scheduler) runs one step more than asked (its PLMS warm-up repeats
-a timestep); with a one-step-per-timestep scheduler (DDIM, Euler) drop the + 1.
+NFE = 2 * floor(num_inference_steps * strength) with guidance (guidance_scale > 1), half
+without.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from PIL import Image
 
 from editeval.core import EditInputs, MethodCard, MethodOutput, Paper, register_method
 from editeval.core.samples import TASKS
+from editeval.diffusion.ddim import ddim_scheduler
 
 LDM_PAPER = Paper("High-Resolution Image Synthesis with Latent Diffusion Models", "CVPR", 2022,
                   "2112.10752")
@@ -49,11 +52,12 @@ CARD = MethodCard(
     tasks=TASKS,
     defaults={"num_inference_steps": 50, "guidance_scale": 7.5, "strength": 1.0,
               "paste_source": False},
-    nfe_formula="2 * (floor(num_inference_steps * strength) + 1) with guidance (guidance_scale > "
-                "1), half that without; without the + 1 on a scheduler of one step per timestep "
-                "(PNDM, SD's, repeats one)",
-    deviations="none in the sampler (diffusers' pipeline); paste_source=True pastes the source "
-               "back outside the mask as the latent diffusion paper's inpainting script does",
+    nfe_formula="2 * floor(num_inference_steps * strength) with guidance (guidance_scale > 1), "
+                "half that without",
+    deviations="DDIM (eta 0), the official code's sampler, instead of the checkpoint's scheduler "
+               "that diffusers' pipeline uses (PNDM for SD 1.5 inpainting); paste_source=True "
+               "pastes the source back outside the mask as the latent diffusion paper's "
+               "inpainting script does",
     note="Not in the survey's paper list: the inpainting model of latent diffusion, which the "
          "survey's section 7 (inpainting and outpainting) builds on. The target prompt describes "
          "the whole edited image, as the model was trained on captions of whole images. Outside "
@@ -79,7 +83,8 @@ def inpaint(pipe: Any, image: Image.Image, mask: Image.Image, prompt: str,
             generator: torch.Generator, *, num_inference_steps: int, guidance_scale: float,
             strength: float, paste_source: bool) -> Image.Image:
     """Redraw the white region of ``mask`` in ``image`` from ``prompt`` with the inpainting
-    checkpoint ``pipe`` (any pipeline whose components are an inpainting model's).
+    checkpoint ``pipe`` (any pipeline whose components are an inpainting model's), sampling with
+    DDIM (eta 0) on its noise schedule.
 
     ``image``: RGB, sides multiples of 8; ``mask``: mode "L" of the same size, 255 = redraw
     (binarised at 128 by the pipeline). Returns RGB of the same size; with ``paste_source``
@@ -87,8 +92,8 @@ def inpaint(pipe: Any, image: Image.Image, mask: Image.Image, prompt: str,
     """
     from diffusers import StableDiffusionInpaintPipeline
 
-    inpainter = pipe if isinstance(pipe, StableDiffusionInpaintPipeline) else \
-        StableDiffusionInpaintPipeline(**pipe.components)
+    inpainter = StableDiffusionInpaintPipeline(
+        **{**pipe.components, "scheduler": ddim_scheduler(pipe)}, requires_safety_checker=False)
     inpainter.set_progress_bar_config(disable=True)
     result = inpainter(
         prompt=prompt, image=image, mask_image=mask, height=image.height, width=image.width,
